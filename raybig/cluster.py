@@ -1,0 +1,43 @@
+"""Where Ray comes from: an embedded local Ray (the default) or a running cluster at an address."""
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+
+# A busy machine can take longer than Ray Train's 60 s default to start a worker group.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+
+
+def embedded_cpus(num_cpus: float | None) -> float:
+    return float(num_cpus) if num_cpus else float(os.cpu_count() or 1)
+
+
+@contextmanager
+def ray_session(address: str | None = None, num_cpus: float | None = None, verbose: bool = False):
+    """Start (and afterwards stop) an embedded Ray, or join one; reuse a Ray this process already runs.
+
+    `address="local"` matters: a bare ray.init() would try to join whatever cluster
+    /tmp/ray/ray_current_cluster names, even a dead one.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    kwargs = dict(include_dashboard=False, log_to_driver=verbose,
+                  logging_level=logging.INFO if verbose else logging.WARNING)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(address="local", num_cpus=int(embedded_cpus(num_cpus)), **kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def cluster_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 0))

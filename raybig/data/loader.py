@@ -1,0 +1,99 @@
+"""How batches reach a rank: the same two-method interface for cached and streamed data.
+
+`memory`: each worker holds the (small) train split and takes its slice of every *global* batch,
+drawn from one seeded permutation per epoch. The batches are then the same for any data-parallel
+degree, which is what makes a data-degree-2 run reproduce a single-process run step for step.
+
+`stream`: Ray Data hands every rank its own shard (equal row counts, so every rank takes the same
+number of steps and DDP never waits on a missing peer) and streams it with a local shuffle buffer.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+MEMORY_LIMIT_BYTES = 256 * 2**20
+
+
+def choose_loader(requested: str, nbytes: int) -> str:
+    if requested != "auto":
+        return requested
+    return "memory" if nbytes <= MEMORY_LIMIT_BYTES else "stream"
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1_000_003 + epoch
+
+
+class MemorySource:
+    def __init__(self, x, y, global_batch: int, rank: int, world: int, seed: int, eval_batch: int = 512):
+        self.x, self.y = torch.as_tensor(x), torch.as_tensor(y)
+        self.global_batch, self.rank, self.world, self.seed = global_batch, rank, world, seed
+        self.local = global_batch // world
+        self.eval_batch = eval_batch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.y) // self.global_batch  # the last partial batch is dropped, as every rank must step together
+
+    def train_batches(self, epoch: int) -> Iterator[Batch]:
+        perm = torch.randperm(len(self.y), generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)))
+        for step in range(self.steps_per_epoch):
+            start = step * self.global_batch + self.rank * self.local
+            idx = perm[start: start + self.local]
+            yield self.x[idx], self.y[idx]
+
+    def eval_batches(self) -> Iterator[Batch]:
+        x, y = self.x[self.rank:: self.world], self.y[self.rank:: self.world]
+        for start in range(0, len(y), self.eval_batch):
+            yield x[start: start + self.eval_batch], y[start: start + self.eval_batch]
+
+
+class StreamSource:
+    def __init__(self, shard, rows: int, global_batch: int, world: int, seed: int, shape: list[int], eval_batch: int = 512):
+        self.shard, self.shape, self.seed = shard, shape, seed
+        self.local = global_batch // world
+        self.rows_per_rank = rows // world
+        self.eval_batch = eval_batch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.rows_per_rank // self.local
+
+    def _batches(self, size: int, shuffle_seed: int | None, drop_last: bool) -> Iterator[Batch]:
+        shuffle = {"local_shuffle_buffer_size": max(4 * size, 1024), "local_shuffle_seed": shuffle_seed} \
+            if shuffle_seed is not None else {}
+        for batch in self.shard.iter_torch_batches(batch_size=size, drop_last=drop_last, **shuffle):
+            yield batch["x"].reshape(-1, *self.shape), batch["y"]
+
+    def train_batches(self, epoch: int) -> Iterator[Batch]:
+        for step, batch in enumerate(self._batches(self.local, epoch_seed(self.seed, epoch), drop_last=True)):
+            if step == self.steps_per_epoch:
+                break
+            yield batch
+
+    def eval_batches(self) -> Iterator[Batch]:
+        yield from self._batches(self.eval_batch, None, drop_last=False)
+
+
+def materialize(shard) -> tuple[np.ndarray, np.ndarray]:
+    """Read a Ray Data shard once into memory (streaming a small set every epoch costs seconds)."""
+    xs, ys = [], []
+    for batch in shard.iter_batches(batch_size=None, batch_format="numpy"):
+        xs.append(batch["x"])
+        ys.append(batch["y"])
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def to_ray_datasets(bundle) -> dict:
+    import pyarrow as pa
+    import ray.data
+    from ray.data.extensions import ArrowTensorArray
+
+    def table(split):
+        return pa.table({"x": ArrowTensorArray.from_numpy(np.ascontiguousarray(split.x)), "y": split.y})
+
+    return {"train": ray.data.from_arrow(table(bundle.train)), "val": ray.data.from_arrow(table(bundle.val))}

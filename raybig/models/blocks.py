@@ -1,0 +1,30 @@
+"""Every raybig model is an ordered list of blocks, so parallelism can cut it into stages from outside."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class BlockModel(nn.Module):
+    """A model whose forward is its blocks applied in order; `blocks[i:j]` is a valid sub-model."""
+
+    def __init__(self, blocks: list[nn.Module], kind: str):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class Reshape(nn.Module):
+    """Gives a flat or (T, F) sample the shape the next layer wants, keeping the batch dimension."""
+
+    def __init__(self, *shape: int):
+        super().__init__()
+        self.shape = shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], *self.shape)

@@ -1,0 +1,375 @@
+"""The job spec: one YAML file says what to train, on what data, how, and on how many workers.
+
+Every model here is strict (unknown fields are errors) and every error is reported with the
+dotted path of the field, the same path `--set path=value` takes.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from raybig.errors import SpecError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ----------------------------------------------------------------------------- models
+class MLPSpec(Strict):
+    kind: Literal["mlp"]
+    hidden: list[Annotated[int, Field(gt=0)]] = Field(default=[128, 128], min_length=1)
+    num_classes: int | None = Field(default=None, gt=1, description="Defaults to the data's class count.")
+
+
+class CNNSpec(Strict):
+    kind: Literal["cnn"]
+    channels: list[Annotated[int, Field(gt=0)]] = Field(default=[16, 32], min_length=1)
+    kernel_size: int = Field(default=3, ge=1)
+    hidden: int = Field(default=128, gt=0)
+    num_classes: int | None = Field(default=None, gt=1)
+
+
+class LSTMSpec(Strict):
+    kind: Literal["lstm"]
+    hidden: int = Field(default=64, gt=0)
+    layers: int = Field(default=1, ge=1, description="Each LSTM layer is one block.")
+    num_classes: int | None = Field(default=None, gt=1)
+
+
+class TransformerSpec(Strict):
+    kind: Literal["transformer"]
+    task: Literal["classifier", "lm"] = Field(
+        default="classifier", description="classifier: encoder over a sequence; lm: causal char-level language model.")
+    dim: int = Field(default=64, gt=0)
+    heads: int = Field(default=4, gt=0)
+    layers: int = Field(default=2, ge=1, description="Each attention layer is one block.")
+    ff_mult: int = Field(default=4, ge=1)
+    num_classes: int | None = Field(default=None, gt=1)
+
+    @model_validator(mode="after")
+    def _heads_divide_dim(self):
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        return self
+
+
+ModelSpec = Annotated[Union[MLPSpec, CNNSpec, LSTMSpec, TransformerSpec], Field(discriminator="kind")]
+
+
+# ----------------------------------------------------------------------------- data
+class _DataCommon(Strict):
+    val_fraction: float = Field(default=0.2, gt=0, lt=1)
+    loader: Literal["auto", "memory", "stream"] = Field(
+        default="auto",
+        description="memory: each worker caches the (small) split and takes its slice of every global batch, "
+        "so any data degree sees the same batches; stream: Ray Data streams one shard per rank; "
+        "auto: memory below 256 MB.")
+    one_hot: bool = Field(default=False, description="One-hot targets (needed to train a classifier with mse).")
+
+
+class DigitsData(_DataCommon):
+    source: Literal["digits"]
+
+
+class TextData(_DataCommon):
+    source: Literal["text"]
+    seq_len: int = Field(default=64, ge=2)
+    max_chars: int = Field(default=300_000, ge=1000)
+    modules: list[str] = Field(
+        default=["argparse", "logging/__init__", "collections/__init__", "textwrap", "difflib", "inspect"],
+        description="Python standard-library files (without .py) whose text forms the corpus.")
+
+
+class ParquetData(_DataCommon):
+    source: Literal["parquet"]
+    path: str
+    val_path: str | None = None
+    label: str = "label"
+    features: list[str] | None = Field(default=None, description="Feature columns; default every column but the label.")
+    shape: list[Annotated[int, Field(gt=0)]] | None = Field(default=None, description="Per-sample shape, e.g. [8, 8].")
+
+
+class SyntheticData(_DataCommon):
+    source: Literal["synthetic"]
+    samples: int = Field(default=2048, ge=16)
+    features: int = Field(default=16, ge=1)
+    classes: int = Field(default=4, ge=2)
+    noise: float = Field(default=1.0, ge=0)
+    seed: int = 0
+
+
+DataSpec = Annotated[Union[DigitsData, TextData, ParquetData, SyntheticData], Field(discriminator="source")]
+
+
+# ----------------------------------------------------------------------------- training
+class _Opt(Strict):
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+
+
+class SGD(_Opt):
+    name: Literal["sgd"]
+    lr: float = Field(default=0.05, gt=0)
+
+
+class Momentum(_Opt):
+    name: Literal["momentum"]
+    lr: float = Field(default=0.05, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    nesterov: bool = False
+
+
+class AdaGrad(_Opt):
+    name: Literal["adagrad"]
+    lr: float = Field(default=0.01, gt=0)
+    lr_decay: float = Field(default=0.0, ge=0)
+    eps: float = Field(default=1e-10, gt=0)
+
+
+class RMSprop(_Opt):
+    name: Literal["rmsprop"]
+    alpha: float = Field(default=0.99, gt=0, lt=1)
+    eps: float = Field(default=1e-8, gt=0)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+
+
+class Adam(_Opt):
+    name: Literal["adam"]
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
+    eps: float = Field(default=1e-8, gt=0)
+
+
+class AdamW(Adam):
+    name: Literal["adamw"]
+    weight_decay: float = Field(default=0.01, ge=0)
+
+
+OptimizerSpec = Annotated[Union[SGD, Momentum, AdaGrad, RMSprop, Adam, AdamW], Field(discriminator="name")]
+OPTIMIZERS = ("sgd", "momentum", "adagrad", "rmsprop", "adam", "adamw")
+
+
+class Regularization(Strict):
+    l1: float = Field(default=0.0, ge=0, description="Coefficient of the summed |w| of weight matrices, added to the loss.")
+    l2: float = Field(default=0.0, ge=0, description="Coefficient of the summed w^2 of weight matrices, added to the loss.")
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+
+
+class LRSchedule(Strict):
+    name: Literal["constant", "step", "cosine"] = "constant"
+    warmup_steps: int = Field(default=0, ge=0)
+    step_epochs: int = Field(default=10, ge=1, description="step: multiply the lr by gamma every this many epochs.")
+    gamma: float = Field(default=0.1, gt=0, le=1)
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1, description="cosine: the final lr as a fraction of the first.")
+
+
+class TrainSpec(Strict):
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=64, ge=1, description="Global batch: split evenly over the data-parallel ranks.")
+    loss: Literal["cross_entropy", "mse"] = "cross_entropy"
+    optimizer: OptimizerSpec = Field(default_factory=lambda: AdamW(name="adamw"))
+    regularization: Regularization = Field(default_factory=Regularization)
+    lr_schedule: LRSchedule = Field(default_factory=LRSchedule)
+    grad_clip: float | None = Field(default=None, gt=0)
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+
+# ----------------------------------------------------------------------------- layout and operations
+class PipelineSpec(Strict):
+    stages: int = Field(default=1, ge=1)
+    microbatches: int = Field(default=1, ge=1)
+    schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"
+    virtual_stages: int = Field(default=1, ge=1)
+
+
+class ParallelismSpec(Strict):
+    data: int = Field(default=1, ge=1, description="Data-parallel degree: one Ray Train worker per rank.")
+    pipeline: PipelineSpec = Field(default_factory=PipelineSpec)
+
+    @property
+    def workers(self) -> int:
+        return self.data * self.pipeline.stages
+
+
+class ResourcesSpec(Strict):
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    gpus_per_worker: float = Field(default=0.0, ge=0)
+
+
+class CheckpointSpec(Strict):
+    every_epochs: int = Field(default=1, ge=1)
+    keep: int = Field(default=2, ge=1, description="How many epoch checkpoints to keep (the newest).")
+
+
+class FailureSpec(Strict):
+    max_failures: int = Field(default=0, ge=0, description="Worker failures to recover from (resuming from the last checkpoint).")
+
+
+class OutputSpec(Strict):
+    dir: str = Field(default="runs", description="The model store: each run lives in <dir>/<name>/.")
+
+
+class JobSpec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Run name; also its directory in the model store.")
+    model: ModelSpec
+    data: DataSpec
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    parallelism: ParallelismSpec = Field(default_factory=ParallelismSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    failure: FailureSpec = Field(default_factory=FailureSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+    @model_validator(mode="after")
+    def _cross_field(self):
+        problems = []
+        if self.train.batch_size % self.parallelism.data:
+            problems.append(("train.batch_size", f"global batch {self.train.batch_size} is not divisible by "
+                             f"parallelism.data {self.parallelism.data}"))
+        is_lm = self.model.kind == "transformer" and self.model.task == "lm"
+        if self.train.loss == "mse" and not self.data.one_hot:
+            problems.append(("train.loss", "mse on a classifier needs one-hot targets: set data.one_hot: true, "
+                             "or use cross_entropy"))
+        if is_lm != (self.data.source == "text"):
+            problems.append(("data.source" if is_lm else "model.task",
+                             "a char-level language model (transformer, task: lm) trains on data.source: text, "
+                             "and text data needs that model"))
+        if is_lm and self.train.loss == "mse":
+            problems.append(("train.loss", "the language model trains with cross_entropy"))
+        if self.parallelism.pipeline.stages > 1:
+            problems.append(("parallelism.pipeline.stages",
+                             "pipeline parallelism (stages > 1) is not available in this version; use 1"))
+        if problems:
+            raise SpecError(problems)
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- loading
+_TAGS = {"model": "kind", "data": "source", "optimizer": "name"}
+
+
+def _union_members(annotated) -> tuple:
+    return annotated.__origin__.__args__
+
+
+def _tag_values(field: str) -> list[str]:
+    union = {"model": ModelSpec, "data": DataSpec, "optimizer": OptimizerSpec}[field]
+    return [m.model_fields[_TAGS[field]].annotation.__args__[0] for m in _union_members(union)]
+
+
+def _problems(err: ValidationError) -> list[tuple[str, str]]:
+    out = []
+    for e in err.errors(include_url=False):
+        loc = tuple(e["loc"])
+        path = _strip_tags(loc)
+        kind, msg = e["type"], e["msg"]
+        if kind == "extra_forbidden":
+            msg = "unknown field"
+        elif kind == "union_tag_invalid":
+            field = loc[-1] if loc else ""
+            tag = _TAGS.get(field, "kind")
+            path = f"{path}.{tag}" if path else tag
+            msg = f"{e['input'].get(tag)!r} is not one of: {', '.join(_tag_values(field))}" if field in _TAGS else msg
+        elif kind == "union_tag_not_found":
+            field = loc[-1] if loc else ""
+            tag = _TAGS.get(field, "kind")
+            path = f"{path}.{tag}" if path else tag
+            msg = f"missing; expected one of: {', '.join(_tag_values(field))}" if field in _TAGS else msg
+        elif kind == "missing":
+            msg = "required field is missing"
+        elif kind == "value_error" and isinstance(e.get("ctx", {}).get("error"), SpecError):
+            out.extend(e["ctx"]["error"].problems)
+            continue
+        else:
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+            if "input" in e and not isinstance(e["input"], (dict, list)):
+                msg = f"{msg} (got {e['input']!r})"
+        out.append((path, msg))
+    return out
+
+
+def _strip_tags(loc: tuple) -> str:
+    parts: list[str] = []
+    skip_next_tag_of = None
+    for part in loc:
+        if skip_next_tag_of is not None:
+            field, skip_next_tag_of = skip_next_tag_of, None
+            if isinstance(part, str) and part in _tag_values(field):
+                continue
+        parts.append(str(part))
+        if part in _TAGS:
+            skip_next_tag_of = part
+    return ".".join(parts)
+
+
+def parse_spec(raw: Any, source: str = "spec") -> JobSpec:
+    if raw is None:
+        raise SpecError(f"{source} is empty; expected a mapping with name, model, data and train")
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source} must be a YAML mapping of fields (name, model, data, ...), not a {type(raw).__name__}")
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(_problems(err)) from None
+    except SpecError:
+        raise
+
+
+def read_yaml(path: str | Path) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"{path}: no such file")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        reason = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SpecError(f"{path}: invalid YAML{line}: {reason}") from None
+
+
+def apply_overrides(raw: Any, overrides: list[str]) -> Any:
+    """Apply `path=value` pairs; values parse as YAML so `--set train.epochs=3` gives an int."""
+    if not overrides:
+        return raw
+    raw = dict(raw or {})
+    for item in overrides:
+        if "=" not in item:
+            raise SpecError(f"--set {item!r}: expected path=value, e.g. train.epochs=3")
+        path, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise SpecError(f"--set {path}: value {text!r} is not valid YAML") from None
+        keys = path.strip().split(".")
+        node = raw
+        for i, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise SpecError(f"{'.'.join(keys[:i + 1])} is a value, not a section", path)
+            node[key] = child = dict(child)
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    return parse_spec(apply_overrides(read_yaml(path), overrides or []), source=str(path))
+
+
+def json_schema() -> str:
+    schema = JobSpec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "raybig job spec"
+    return json.dumps(schema, indent=2)

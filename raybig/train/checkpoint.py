@@ -1,0 +1,100 @@
+"""The model store: runs/<name>/ holds the spec, metrics, plots, epoch checkpoints and the current model.
+
+    runs/<name>/
+      spec.yaml                 the resolved spec that produced everything here
+      model.safetensors         the newest weights (what serving and fine-tuning load)
+      model.json                the model's kind, data shape/classes/vocab, epoch and metrics
+      metrics.json              one record per finished epoch
+      checkpoints/epoch-0003/   model.safetensors, trainer_state.pt, meta.json
+
+Writes go to a temporary name first and are renamed into place, so a crash mid-write never
+damages the last good checkpoint. Loading never unpickles arbitrary objects: weights are
+safetensors, the optimizer state is read with torch.load(weights_only=True).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_PREFIX = "epoch-"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+class RunStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.checkpoints = self.root / "checkpoints"
+
+    # -- checkpoints
+    def checkpoint_dirs(self) -> list[Path]:
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted(p for p in self.checkpoints.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and p.is_dir())
+
+    def latest(self) -> Path | None:
+        dirs = self.checkpoint_dirs()
+        return dirs[-1] if dirs else None
+
+    def save_checkpoint(self, epoch: int, model_state: dict, trainer_state: dict, meta: dict, keep: int) -> Path:
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        final = self.checkpoints / f"{CHECKPOINT_PREFIX}{epoch:04d}"
+        tmp = self.checkpoints / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        save_file(_contiguous(model_state), str(tmp / "model.safetensors"))
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if final.exists():  # the same epoch again after a restart: replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        for old in self.checkpoint_dirs()[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    @staticmethod
+    def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
+        model_state = load_file(str(path / "model.safetensors"))
+        trainer_state = torch.load(path / "trainer_state.pt", weights_only=True)
+        meta = json.loads((path / "meta.json").read_text())
+        return model_state, trainer_state, meta
+
+    # -- the published model and run records
+    def publish_model(self, model_state: dict, info: dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".model.{uuid.uuid4().hex[:8]}.tmp"
+        save_file(_contiguous(model_state), str(tmp))
+        os.replace(tmp, self.root / "model.safetensors")
+        _atomic_write_text(self.root / "model.json", json.dumps(info, indent=1))
+
+    def write_history(self, history: list[dict]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(self.root / "metrics.json", json.dumps(history, indent=1))
+
+    def history(self) -> list[dict]:
+        path = self.root / "metrics.json"
+        return json.loads(path.read_text()) if path.exists() else []
+
+    def write_spec(self, spec_yaml: str) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(self.root / "spec.yaml", spec_yaml)
+
+    def model_info(self) -> dict | None:
+        path = self.root / "model.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def load_model_state(self) -> dict:
+        return load_file(str(self.root / "model.safetensors"))

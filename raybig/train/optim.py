@@ -1,0 +1,59 @@
+"""Optimizers, explicit L1/L2 penalties and learning-rate schedules, all from the spec's train section."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def build_optimizer(params, opt) -> torch.optim.Optimizer:
+    """`opt` is one of the spec's optimizer sections; `momentum` is SGD with a momentum term."""
+    if opt.name == "sgd":
+        return torch.optim.SGD(params, lr=opt.lr, weight_decay=opt.weight_decay)
+    if opt.name == "momentum":
+        return torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov,
+                               weight_decay=opt.weight_decay)
+    if opt.name == "adagrad":
+        return torch.optim.Adagrad(params, lr=opt.lr, lr_decay=opt.lr_decay, eps=opt.eps, weight_decay=opt.weight_decay)
+    if opt.name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=opt.lr, alpha=opt.alpha, eps=opt.eps, momentum=opt.momentum,
+                                   weight_decay=opt.weight_decay)
+    if opt.name == "adam":
+        return torch.optim.Adam(params, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay)
+    if opt.name == "adamw":
+        return torch.optim.AdamW(params, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay)
+    raise ValueError(f"unknown optimizer {opt.name!r}")
+
+
+def penalized_weights(model: nn.Module) -> list[torch.Tensor]:
+    """Weight matrices and kernels only: biases, norms and position tables are not shrunk."""
+    return [p for name, p in model.named_parameters() if p.dim() > 1 and not name.endswith("pos")]
+
+
+def regularization_penalty(weights: list[torch.Tensor], l1: float, l2: float) -> torch.Tensor | float:
+    """Added to the loss (not folded into the optimizer), so it acts the same under every optimizer."""
+    penalty = 0.0
+    if l1:
+        penalty = penalty + l1 * sum(w.abs().sum() for w in weights)
+    if l2:
+        penalty = penalty + l2 * sum(w.pow(2).sum() for w in weights)
+    return penalty
+
+
+def build_scheduler(optimizer, schedule, steps_per_epoch: int, epochs: int):
+    """A per-step LambdaLR: optional linear warm-up, then constant, step decay or cosine to min_lr_ratio."""
+    total = max(1, steps_per_epoch * epochs)
+
+    def factor(step: int) -> float:
+        if schedule.warmup_steps and step < schedule.warmup_steps:
+            return (step + 1) / schedule.warmup_steps
+        if schedule.name == "step":
+            return schedule.gamma ** (step // (schedule.step_epochs * steps_per_epoch))
+        if schedule.name == "cosine":
+            span = max(1, total - schedule.warmup_steps)
+            progress = min(1.0, (step - schedule.warmup_steps) / span)
+            return schedule.min_lr_ratio + (1 - schedule.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,109 @@
+"""What the user watches: a live step bar and a row per epoch on the driver, and curves in the run directory."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import ray
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+@ray.remote(num_cpus=0)
+class ProgressBoard:
+    """Rank 0 posts here without waiting; the driver drains it. Works the same on a remote cluster."""
+
+    def __init__(self):
+        self.items: list[dict] = []
+
+    def push(self, item: dict) -> None:
+        self.items.append(item)
+
+    def drain(self) -> list[dict]:
+        items, self.items = self.items, []
+        return items
+
+
+COLUMNS = [("epoch", "epoch", "{:d}"), ("train_loss", "train loss", "{:.4f}"), ("val_loss", "val loss", "{:.4f}"),
+           ("val_accuracy", "val acc", "{:.2%}"), ("val_precision", "val prec", "{:.3f}"),
+           ("val_recall", "val recall", "{:.3f}"), ("val_f1", "val f1", "{:.3f}"), ("samples_per_s", "samples/s", "{:,.0f}")]
+
+
+def epoch_table(history: list[dict], title: str | None = None) -> Table:
+    table = Table(title=title, show_edge=False, header_style="bold")
+    for _, header, _ in COLUMNS:
+        table.add_column(header, justify="right", width=10)  # fixed, so rows printed one at a time line up
+    for record in history:
+        table.add_row(*[fmt.format(record[name]) for name, _, fmt in COLUMNS])
+    return table
+
+
+class ProgressView:
+    def __init__(self, spec, console: Console | None, resumed_from: int = 0):
+        self.spec, self.console = spec, console or Console(stderr=True)
+        self.progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
+                                 MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
+                                 console=self.console, transient=True)
+        self.task = None
+        self.header_done = False
+        if resumed_from:
+            self.console.print(f"[yellow]resuming from the checkpoint of epoch {resumed_from}[/]")
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def handle(self, item: dict) -> None:
+        if item["type"] == "step":
+            fields = {"epoch": item["epoch"], "epochs": self.spec.train.epochs, "loss": item["loss"]}
+            if self.task is None:
+                self.task = self.progress.add_task("train", total=item["steps"], **fields)
+            self.progress.update(self.task, completed=item["step"], total=item["steps"], **fields)
+        elif item["type"] == "epoch":
+            table = epoch_table([item])
+            table.show_header = not self.header_done
+            self.header_done = True
+            self.progress.console.print(table)
+
+
+def write_curves(root: Path, history: list[dict]) -> None:
+    """curves.png and TensorBoard event files, regenerated from the whole history (so resumed runs stay tidy)."""
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torch.utils.tensorboard import SummaryWriter
+
+    epochs = [r["epoch"] for r in history]
+    steps = [s for r in history for s in r.get("step_losses", [])]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    axes[0].plot(range(1, len(steps) + 1), steps, lw=0.8)
+    axes[0].set(title="train loss per step", xlabel="step")
+    axes[1].plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
+    axes[1].plot(epochs, [r["val_loss"] for r in history], "o-", label="validation")
+    axes[1].set(title="loss", xlabel="epoch")
+    axes[1].legend()
+    for name in ("val_accuracy", "val_precision", "val_recall", "val_f1"):
+        axes[2].plot(epochs, [r[name] for r in history], "o-", label=name[4:])
+    axes[2].set(title="validation metrics", xlabel="epoch")
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(root / "curves.png", dpi=90)
+    plt.close(fig)
+
+    tb = root / "tensorboard"
+    shutil.rmtree(tb, ignore_errors=True)
+    with SummaryWriter(str(tb)) as writer:
+        for i, loss in enumerate(steps, 1):
+            writer.add_scalar("train/step_loss", loss, i)
+        for r in history:
+            for name in ("train_loss", "val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1", "lr",
+                         "samples_per_s"):
+                writer.add_scalar(name.replace("_", "/", 1) if name.startswith("val_") else f"train/{name}",
+                                  r[name], r["epoch"])

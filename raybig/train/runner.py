@@ -1,0 +1,154 @@
+"""The driver side of `raybig run`: check the plan, prepare the store, start Ray Train, show progress."""
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from raybig.data.datasets import DataMeta, describe, load
+from raybig.data.loader import choose_loader, to_ray_datasets
+from raybig.errors import SpecError
+from raybig.models import build_model
+from raybig.spec import JobSpec
+from raybig.train.checkpoint import RunStore
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class RunOutcome:
+    store: RunStore
+    history: list[dict] = field(default_factory=list)
+    resumed_from: int = 0
+    already_complete: bool = False
+    seconds: float = 0.0
+
+    @property
+    def final(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+
+def check_plan(spec: JobSpec, meta: DataMeta, cpus: float | None) -> None:
+    """Cross-checks that need the data or the cluster, made before any worker starts."""
+    problems = []
+    if spec.model.num_classes is not None and spec.model.num_classes != meta.num_classes:
+        problems.append(("model.num_classes", f"{spec.model.num_classes}, but the data has {meta.num_classes} classes"))
+    try:
+        build_model(spec.model, meta)
+    except ValueError as err:
+        problems.append(("model.kind", f"{spec.model.kind}: {err}"))
+    workers = spec.parallelism.workers
+    need = workers * spec.resources.cpus_per_worker
+    if cpus is not None and need > cpus:
+        problems.append(("parallelism.data", f"{workers} workers x resources.cpus_per_worker "
+                         f"{spec.resources.cpus_per_worker:g} need {need:g} CPUs but the cluster has {cpus:g}; "
+                         "lower the degree or the CPUs per worker"))
+    if problems:
+        raise SpecError(problems)
+
+
+def _same_run(stored: dict, spec: JobSpec) -> list[str]:
+    """Sections that must not change for a rerun to resume (epochs may grow; the model and data may not)."""
+    new = spec.model_dump(mode="json")
+    return [key for key in ("model", "data") if stored.get(key) != new[key]]
+
+
+def prepare_store(spec: JobSpec, fresh: bool) -> tuple[RunStore, int]:
+    store = RunStore(Path(spec.output.dir) / spec.name)
+    spec_file = store.root / "spec.yaml"
+    if fresh and store.root.exists():
+        shutil.rmtree(store.root)
+    latest = store.latest()
+    if latest is not None and spec_file.exists():
+        changed = _same_run(yaml.safe_load(spec_file.read_text()) or {}, spec)
+        if changed:
+            raise SpecError(f"{store.root} holds a run with a different {' and '.join(changed)} section; "
+                            "pass --fresh to start over, or choose another name", "name")
+    done = int(latest.name.split("-")[-1]) if latest is not None else 0
+    return store, done
+
+
+def run(spec: JobSpec, *, address: str | None = None, num_cpus: float | None = None, fresh: bool = False,
+        verbose: bool = False, console=None) -> RunOutcome:
+    from raybig.cluster import cluster_cpus, embedded_cpus, ray_session
+    from raybig.train.progress import ProgressView, write_curves
+
+    meta = describe(spec.data)
+    check_plan(spec, meta, None if address else embedded_cpus(num_cpus))
+    store, done = prepare_store(spec, fresh)
+    if done >= spec.train.epochs:
+        return RunOutcome(store, store.history(), resumed_from=done, already_complete=True)
+    store.write_spec(spec.to_yaml())
+    bundle = load(spec.data)
+    loader = choose_loader(spec.data.loader, bundle.nbytes)
+    started = time.perf_counter()
+    with ray_session(address, num_cpus, verbose):
+        if address:
+            check_plan(spec, meta, cluster_cpus())
+        view = ProgressView(spec, console, resumed_from=done)
+        _fit(spec, bundle, loader, store, view, verbose)
+    history = store.history()
+    write_curves(store.root, history)
+    return RunOutcome(store, history, resumed_from=done, seconds=time.perf_counter() - started)
+
+
+def _fit(spec: JobSpec, bundle, loader: str, store: RunStore, view, verbose: bool) -> None:
+    import ray
+    import ray.train
+    from ray.train import DataConfig
+    from ray.train.torch import TorchTrainer
+
+    from raybig.train.progress import ProgressBoard
+    from raybig.train.worker import train_loop_per_worker
+
+    res = spec.resources
+    board = ProgressBoard.remote()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "spec": spec.model_dump(mode="json"), "meta": bundle.meta.to_dict(), "loader": loader,
+            "store": str(store.root.resolve()), "threads": max(1, int(res.cpus_per_worker)), "board": board,
+            "train_rows": len(bundle.train), "val_rows": len(bundle.val),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=spec.parallelism.workers, use_gpu=res.gpus_per_worker > 0,
+            resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})}),
+        run_config=ray.train.RunConfig(
+            name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str((store.root / ".ray").resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=spec.failure.max_failures)),
+        datasets=to_ray_datasets(bundle),
+        dataset_config=DataConfig(datasets_to_split=["train", "val"] if loader == "stream" else []),
+    )
+    error: list[BaseException] = []
+
+    def target():
+        try:
+            trainer.fit()
+        except BaseException as err:  # reported on the driver thread below
+            error.append(err)
+
+    thread = threading.Thread(target=target, name="raybig-fit", daemon=True)
+    with view:
+        thread.start()
+        while thread.is_alive():
+            thread.join(timeout=0.5)
+            for item in ray.get(board.drain.remote()):
+                view.handle(item)
+        for item in ray.get(board.drain.remote()):
+            view.handle(item)
+    if error:
+        raise RunFailed(_explain(error[0])) from error[0]
+
+
+def _explain(err: BaseException) -> str:
+    """The worker's own error, not Ray's wrapping of it."""
+    text = str(err).strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
