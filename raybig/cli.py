@@ -11,8 +11,9 @@ from raybig.errors import SpecError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distributed PyTorch training on Ray from one YAML job spec.")
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+# Wide enough for a metrics row when output goes to a file or CI log; a terminal sets its own width.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 120)
+err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 120)
 
 SetOption = typer.Option(None, "--set", metavar="PATH=VALUE", help="Override a spec field, e.g. --set train.epochs=3.")
 
@@ -33,14 +34,19 @@ def _load(spec_path: str, overrides: list[str] | None):
 
 
 @app.command()
-def validate(spec_path: str = typer.Argument(..., metavar="SPEC"), set_: Optional[list[str]] = SetOption):
-    """Check a job spec and its data without starting anything."""
+def validate(
+    spec_path: str = typer.Argument(..., metavar="SPEC"),
+    set_: Optional[list[str]] = SetOption,
+    num_cpus: Optional[float] = typer.Option(None, help="CPUs of the target cluster (default: this machine's)."),
+):
+    """Check a job spec, its data, and that `raybig run` could place its workers, without starting anything."""
+    from raybig.cluster import embedded_cpus
     from raybig.data.datasets import describe
     from raybig.train.runner import check_plan
 
     spec = _load(spec_path, set_)
     try:
-        check_plan(spec, describe(spec.data), None)
+        check_plan(spec, describe(spec.data), embedded_cpus(num_cpus))
     except SpecError as error:
         _fail(error)
     out.print(f"[green]ok[/]: {spec_path} ({spec.name}: {spec.model.kind} on {spec.data.source}, "

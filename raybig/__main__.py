@@ -1,0 +1,3 @@
+from raybig.cli import app
+
+app(prog_name="raybig")

@@ -1,0 +1,49 @@
+"""The model store on disk: atomic checkpoints, retention, safe loading, resume in-process."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from raybig.train.checkpoint import RunStore
+from test_optim import train_locally
+
+
+def test_checkpoints_keep_the_newest_and_publish_the_model(tmp_path):
+    history, store = train_locally(tmp_path, epochs=4, optimizer={"name": "adam", "lr": 2e-3})
+    assert [p.name for p in store.checkpoint_dirs()] == ["epoch-0003", "epoch-0004"]  # keep: 2
+    info = json.loads((store.root / "model.json").read_text())
+    assert info["epoch"] == 4 and info["data"]["num_classes"] == 10
+    assert [r["epoch"] for r in store.history()] == [1, 2, 3, 4]
+    published = load_file(store.root / "model.safetensors")
+    last = load_file(store.latest() / "model.safetensors")
+    assert published.keys() == last.keys() and all(torch.equal(published[k], last[k]) for k in published)
+
+
+def test_a_half_written_checkpoint_is_never_picked(tmp_path):
+    _, store = train_locally(tmp_path, epochs=2, optimizer={"name": "adam", "lr": 2e-3})
+    (store.checkpoints / ".tmp-epoch-0003-deadbeef").mkdir()  # what a crash mid-write leaves behind
+    assert store.latest().name == "epoch-0002"
+
+
+def test_trainer_state_loads_without_unpickling_objects(tmp_path):
+    _, store = train_locally(tmp_path, epochs=1, optimizer={"name": "adam", "lr": 2e-3})
+    malicious = store.latest() / "trainer_state.pt"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"optimizer": Evil()}, malicious)
+    with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
+        RunStore.load_checkpoint(store.latest())
+
+
+def test_a_rerun_continues_after_the_last_checkpoint(tmp_path):
+    first, store = train_locally(tmp_path, epochs=2, optimizer={"name": "adam", "lr": 2e-3})
+    more, _ = train_locally(tmp_path, epochs=4, optimizer={"name": "adam", "lr": 2e-3})
+    assert [r["epoch"] for r in more] == [1, 2, 3, 4]
+    assert more[:2] == first  # the first two epochs were loaded, not retrained
+    straight, _ = train_locally(tmp_path / "straight", epochs=4, optimizer={"name": "adam", "lr": 2e-3})
+    assert more[-1]["train_loss"] == pytest.approx(straight[-1]["train_loss"], rel=1e-5)

@@ -1,0 +1,106 @@
+"""Every optimizer, regularizer, schedule and precision of the spec, exercised through the one training
+loop in-process (world size 1, no Ray): the same code path each Ray Train worker runs."""
+import pytest
+import torch
+
+from raybig.data.datasets import load
+from raybig.data.loader import MemorySource
+from raybig.spec import OPTIMIZERS, parse_spec
+from raybig.train.checkpoint import RunStore
+from raybig.train.loop import WorkerEnv, fit
+from raybig.train.optim import build_scheduler, penalized_weights
+
+
+def train_locally(tmp_path, **train):
+    raw = {"name": "x", "model": {"kind": "mlp", "hidden": [64]}, "data": {"source": "digits"},
+           "train": {"epochs": 3, "batch_size": 64, "seed": 0, **train}}
+    spec = parse_spec(raw)
+    bundle = load(spec.data)
+    env = WorkerEnv(0, 1, torch.device("cpu"), MemorySource(bundle.train.x, bundle.train.y, 64, 0, 1, 0),
+                    MemorySource(bundle.val.x, bundle.val.y, 64, 0, 1, 0))
+    store = RunStore(tmp_path / "run")
+    history = fit(spec, bundle.meta, env, store)
+    return history, store
+
+
+def weight_norms(store):
+    state = store.load_model_state()
+    return {"l1": sum(v.abs().sum().item() for k, v in state.items() if v.dim() > 1),
+            "l2": sum(v.pow(2).sum().item() for k, v in state.items() if v.dim() > 1)}
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_every_optimizer_trains(tmp_path, name):
+    lr = {"sgd": 0.5, "momentum": 0.05, "adagrad": 0.05, "rmsprop": 1e-3, "adam": 2e-3, "adamw": 2e-3}[name]
+    history, _ = train_locally(tmp_path, optimizer={"name": name, "lr": lr})
+    assert history[-1]["train_loss"] < 0.6 * history[0]["step_losses"][0]
+    assert history[-1]["val_accuracy"] > 0.8
+
+
+@pytest.mark.parametrize("kind", ["l1", "l2"])
+def test_l1_and_l2_shrink_the_weights(tmp_path, kind):
+    _, plain = train_locally(tmp_path / "plain", optimizer={"name": "adam", "lr": 2e-3})
+    coeff = {"l1": 1e-3, "l2": 1e-2}[kind]
+    _, reg = train_locally(tmp_path / kind, optimizer={"name": "adam", "lr": 2e-3}, regularization={kind: coeff})
+    assert weight_norms(reg)[kind] < 0.8 * weight_norms(plain)[kind]
+
+
+def test_dropout_is_active_in_training_only(tmp_path):
+    spec = parse_spec({"name": "x", "model": {"kind": "mlp", "hidden": [64]}, "data": {"source": "digits"}})
+    from raybig.data.datasets import describe
+    from raybig.models import build_model
+
+    net = build_model(spec.model, describe(spec.data), dropout=0.5, seed=0)
+    x = torch.rand(4, 8, 8)
+    net.train()
+    assert not torch.equal(net(x), net(x))
+    net.eval()
+    assert torch.equal(net(x), net(x))
+    history, _ = train_locally(tmp_path, optimizer={"name": "adam", "lr": 2e-3}, regularization={"dropout": 0.3})
+    assert history[-1]["val_accuracy"] > 0.8
+
+
+def test_lr_schedules():
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    spec = parse_spec({"name": "x", "model": {"kind": "mlp"}, "data": {"source": "digits"},
+                       "train": {"lr_schedule": {"name": "cosine", "warmup_steps": 10, "min_lr_ratio": 0.1}}})
+    opt = torch.optim.SGD(params, lr=1.0)
+    sched = build_scheduler(opt, spec.train.lr_schedule, steps_per_epoch=10, epochs=10)
+    lrs = []
+    for _ in range(100):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warm-up
+    assert lrs[-1] == pytest.approx(0.1, abs=0.01) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    step = parse_spec({"name": "x", "model": {"kind": "mlp"}, "data": {"source": "digits"},
+                       "train": {"lr_schedule": {"name": "step", "step_epochs": 2, "gamma": 0.5}}}).train.lr_schedule
+    opt = torch.optim.SGD(params, lr=1.0)
+    sched = build_scheduler(opt, step, steps_per_epoch=5, epochs=6)
+    for _ in range(10):
+        opt.step()
+        sched.step()
+    assert sched.get_last_lr()[0] == pytest.approx(0.5)
+
+
+def test_bf16_and_mse(tmp_path):
+    history, _ = train_locally(tmp_path / "bf16", optimizer={"name": "adam", "lr": 2e-3}, precision="bf16")
+    assert history[-1]["val_accuracy"] > 0.8
+    raw = {"name": "x", "model": {"kind": "mlp", "hidden": [64]}, "data": {"source": "digits", "one_hot": True},
+           "train": {"epochs": 3, "loss": "mse", "optimizer": {"name": "adam", "lr": 2e-3}}}
+    spec = parse_spec(raw)
+    bundle = load(spec.data)
+    env = WorkerEnv(0, 1, torch.device("cpu"), MemorySource(bundle.train.x, bundle.train.y, 64, 0, 1, 0),
+                    MemorySource(bundle.val.x, bundle.val.y, 64, 0, 1, 0))
+    assert fit(spec, bundle.meta, env, RunStore(tmp_path / "mse"))[-1]["val_accuracy"] > 0.8
+
+
+def test_penalty_skips_biases_and_positions():
+    spec = parse_spec({"name": "x", "model": {"kind": "transformer"}, "data": {"source": "digits"}})
+    from raybig.data.datasets import describe
+    from raybig.models import build_model
+
+    net = build_model(spec.model, describe(spec.data))
+    penalized = {id(p) for p in penalized_weights(net)}
+    for name, p in net.named_parameters():
+        assert (id(p) in penalized) == (p.dim() > 1 and not name.endswith("pos")), name
