@@ -7,14 +7,28 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 RAY_CPUS = 4  # two workers, a spare, and room for Ray Data; tests never start a second Ray
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def ray_local():
-    """One real local Ray for the whole session (it takes seconds to start)."""
+    """A real local Ray, started once and shared by every test that asks (it takes seconds to start).
+
+    Function-scoped on purpose: a test module that needs no in-process Ray (one that drives a separate
+    `ray start --head` cluster) may shut it down first, and the next test that asks starts it again,
+    so two Ray clusters never run at once.
+    """
     import ray
 
-    ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False)
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False)
     yield
-    ray.shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_ray_at_the_end():
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def spec_dict(tmp_path, **sections) -> dict:

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from conftest import RAY_CPUS, spec_dict
 from raybig.cli import app
 from raybig.data.datasets import load
-from raybig.models import build_model
 from raybig.spec import load_spec, parse_spec
+from raybig.train.checkpoint import load_trained_model
 from raybig.train.runner import RunFailed, run
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
@@ -46,9 +46,8 @@ def test_demo_leaves_a_complete_model_store(demo):
     assert parse_spec(__import__("yaml").safe_load((root / "spec.yaml").read_text())) == spec
     # the stored weights, loaded into a fresh model, reproduce the reported validation accuracy
     bundle = load(spec.data)
-    model = build_model(spec.model, bundle.meta)
-    model.load_state_dict(load_file(root / "model.safetensors"))
-    model.eval()
+    model, info = load_trained_model(root)
+    assert info["epoch"] == spec.train.epochs and info["data"]["num_classes"] == 10
     with torch.no_grad():
         preds = model(torch.as_tensor(bundle.val.x)).argmax(-1).numpy()
     assert (preds == bundle.val.y).mean() == pytest.approx(outcome.final["val_accuracy"], abs=1e-9)

@@ -98,3 +98,25 @@ class RunStore:
 
     def load_model_state(self) -> dict:
         return load_file(str(self.root / "model.safetensors"))
+
+
+def load_trained_model(run_dir: str | Path):
+    """The published model of a run, ready for inference: (model in eval mode, model.json info).
+
+    Everything needed to rebuild it is in model.json (model section and data shape/classes/vocab),
+    so serving and fine-tuning never need the training data or code paths.
+    """
+    from pydantic import TypeAdapter
+
+    from raybig.data.datasets import DataMeta
+    from raybig.models import build_model
+    from raybig.spec import ModelSpec
+
+    store = RunStore(run_dir)
+    info = store.model_info()
+    if info is None:
+        raise FileNotFoundError(f"{store.root} holds no trained model (no model.json)")
+    model_spec = TypeAdapter(ModelSpec).validate_python(info["model"])
+    model = build_model(model_spec, DataMeta(**info["data"]))
+    model.load_state_dict(store.load_model_state())
+    return model.eval(), info
