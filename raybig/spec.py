@@ -181,10 +181,16 @@ class TrainSpec(Strict):
 
 # ----------------------------------------------------------------------------- layout and operations
 class PipelineSpec(Strict):
-    stages: int = Field(default=1, ge=1)
-    microbatches: int = Field(default=1, ge=1)
+    stages: int = Field(default=1, ge=1, description="Pipeline degree: ranks each model replica is split over.")
+    microbatches: int = Field(default=1, ge=1, description="Microbatches per data-parallel rank's batch.")
     schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"
-    virtual_stages: int = Field(default=1, ge=1)
+    virtual_stages: int = Field(default=1, ge=1, description="interleaved_1f1b: stages per rank (>= 2).")
+    split_points: list[Annotated[int, Field(gt=0)]] | None = Field(
+        default=None, description="Block indices where stages 2, 3, ... begin; default: balanced by parameter count.")
+
+    @property
+    def total_stages(self) -> int:
+        return self.stages * (self.virtual_stages if self.schedule == "interleaved_1f1b" else 1)
 
 
 class ParallelismSpec(Strict):
@@ -241,15 +247,45 @@ class JobSpec(Strict):
                              "and text data needs that model"))
         if is_lm and self.train.loss == "mse":
             problems.append(("train.loss", "the language model trains with cross_entropy"))
-        if self.parallelism.pipeline.stages > 1:
-            problems.append(("parallelism.pipeline.stages",
-                             "pipeline parallelism (stages > 1) is not available in this version; use 1"))
+        problems += _pipeline_problems(self)
         if problems:
             raise SpecError(problems)
         return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _pipeline_problems(spec: "JobSpec") -> list[tuple[str, str]]:
+    pipe, data = spec.parallelism.pipeline, spec.parallelism.data
+    if pipe.stages == 1:
+        return []
+    out = []
+    where = "parallelism.pipeline"
+    if spec.train.batch_size % (pipe.microbatches * data):
+        out.append(("train.batch_size", f"global batch {spec.train.batch_size} is not divisible by "
+                    f"{where}.microbatches x parallelism.data = {pipe.microbatches * data}"))
+    if pipe.schedule == "interleaved_1f1b":
+        if pipe.virtual_stages < 2:
+            out.append((f"{where}.virtual_stages", "interleaved_1f1b needs at least 2 virtual stages per rank"))
+        rounds = max(1, pipe.microbatches // pipe.stages)
+        if pipe.microbatches % rounds:
+            out.append((f"{where}.microbatches", f"interleaved_1f1b needs microbatches to be a multiple of "
+                        f"{rounds} (microbatches // stages); use a multiple of {pipe.stages}"))
+    elif pipe.virtual_stages != 1:
+        out.append((f"{where}.virtual_stages", f"only interleaved_1f1b uses virtual stages; {pipe.schedule} takes 1"))
+    if pipe.schedule != "gpipe" and pipe.microbatches < pipe.total_stages:
+        out.append((f"{where}.microbatches", f"{pipe.schedule} needs at least as many microbatches as stages "
+                    f"({pipe.total_stages}); got {pipe.microbatches}"))
+    if pipe.split_points is not None:
+        points = pipe.split_points
+        if len(points) != pipe.total_stages - 1 or points != sorted(set(points)):
+            out.append((f"{where}.split_points", f"expected {pipe.total_stages - 1} increasing block indices "
+                        f"(where stages 2..{pipe.total_stages} begin), got {points}"))
+    if spec.data.loader == "stream":
+        out.append(("data.loader", "stream gives every worker its own shard, but the stages of one pipeline must "
+                    "see the same batch; use memory (or auto) with pipeline stages"))
+    return out
 
 
 # ----------------------------------------------------------------------------- loading

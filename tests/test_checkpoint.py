@@ -29,7 +29,7 @@ def test_a_half_written_checkpoint_is_never_picked(tmp_path):
 
 def test_trainer_state_loads_without_unpickling_objects(tmp_path):
     _, store = train_locally(tmp_path, epochs=1, optimizer={"name": "adam", "lr": 2e-3})
-    malicious = store.latest() / "trainer_state.pt"
+    malicious = store.latest() / "part-0-trainer.pt"
 
     class Evil:
         def __reduce__(self):

@@ -166,3 +166,28 @@ def test_streaming_loader_trains_an_lstm_on_ray_data_shards(ray_local, tmp_path)
     assert all(len(r["step_losses"]) == (rows // 2) // 16 for r in outcome.history)  # each rank: its half
     assert outcome.history[-1]["train_loss"] < outcome.history[0]["train_loss"]
     assert outcome.final["val_accuracy"] > 0.3
+
+
+def test_data2_x_pipeline2_job_survives_a_killed_worker(ray_local, tmp_path):
+    spec = load_spec(JOBS / "digits_pipeline.yaml", [f"output.dir={tmp_path}", "train.epochs=6", "train.batch_size=16"])
+    assert spec.parallelism.workers == 4 and spec.failure.max_failures >= 1
+    root = Path(spec.output.dir) / spec.name
+    thread, box = run_in_thread(spec)
+    kill_a_worker_after_checkpoint(root, epoch=2)
+    thread.join(timeout=300)
+    assert "error" not in box, box.get("error")
+    history = box["outcome"].history
+    assert [r["epoch"] for r in history] == list(range(1, 7))
+    assert len({r["attempt"] for r in history}) == 2
+    assert history[-1]["val_accuracy"] > 0.9
+    model, info = load_trained_model(root)  # the stages came back as one model
+    assert len(model.blocks) == 4 and info["epoch"] == 6
+
+
+def test_char_lm_pipeline_job_learns(ray_local, tmp_path):
+    spec = load_spec(JOBS / "charlm_pipeline.yaml", [f"output.dir={tmp_path}"])
+    assert spec.parallelism.pipeline.stages == 2
+    history = run(spec, num_cpus=RAY_CPUS).history
+    first_steps = np.mean(history[0]["step_losses"][:5])
+    assert history[-1]["train_loss"] < 0.6 * first_steps
+    assert history[-1]["val_loss"] < 0.6 * first_steps

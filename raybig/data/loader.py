@@ -52,6 +52,16 @@ class MemorySource:
             yield x[start: start + self.eval_batch], y[start: start + self.eval_batch]
 
 
+def memory_sources(spec, train_xy, val_xy, rank: int) -> tuple["MemorySource", "MemorySource"]:
+    """Train and validation sources for one rank. All stages of a pipeline replica see that replica's batch,
+    and evaluate in batches of the training microbatch shape (the shape its stages were built for)."""
+    dp, stages = spec.parallelism.data, spec.parallelism.pipeline.stages
+    batch, seed, replica = spec.train.batch_size, spec.train.seed, rank // stages
+    eval_batch = batch // dp if stages > 1 else 512
+    return (MemorySource(*train_xy, batch, replica, dp, seed),
+            MemorySource(*val_xy, batch, replica, dp, seed, eval_batch=eval_batch))
+
+
 class StreamSource:
     def __init__(self, shard, rows: int, global_batch: int, world: int, seed: int, shape: list[int], eval_batch: int = 512):
         self.shard, self.shape, self.seed = shard, shape, seed
@@ -93,7 +103,10 @@ def to_ray_datasets(bundle) -> dict:
     import ray.data
     from ray.data.extensions import ArrowTensorArray
 
+    def column(array: np.ndarray):
+        return ArrowTensorArray.from_numpy(np.ascontiguousarray(array)) if array.ndim > 1 else array
+
     def table(split):
-        return pa.table({"x": ArrowTensorArray.from_numpy(np.ascontiguousarray(split.x)), "y": split.y})
+        return pa.table({"x": column(split.x), "y": column(split.y)})
 
     return {"train": ray.data.from_arrow(table(bundle.train)), "val": ray.data.from_arrow(table(bundle.val))}

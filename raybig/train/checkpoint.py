@@ -5,7 +5,8 @@
       model.safetensors         the newest weights (what serving and fine-tuning load)
       model.json                the model's kind, data shape/classes/vocab, epoch and metrics
       metrics.json              one record per finished epoch
-      checkpoints/epoch-0003/   model.safetensors, trainer_state.pt, meta.json
+      checkpoints/epoch-0003/   model.safetensors (merged), part-K.safetensors and part-K-trainer.pt
+                                per pipeline rank K, meta.json
 
 Writes go to a temporary name first and are renamed into place, so a crash mid-write never
 damages the last good checkpoint. Loading never unpickles arbitrary objects: weights are
@@ -44,31 +45,51 @@ class RunStore:
     def checkpoint_dirs(self) -> list[Path]:
         if not self.checkpoints.is_dir():
             return []
-        return sorted(p for p in self.checkpoints.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and p.is_dir())
+        return sorted(p for p in self.checkpoints.iterdir()
+                      if p.name.startswith(CHECKPOINT_PREFIX) and (p / "meta.json").is_file())
 
     def latest(self) -> Path | None:
         dirs = self.checkpoint_dirs()
         return dirs[-1] if dirs else None
 
-    def save_checkpoint(self, epoch: int, model_state: dict, trainer_state: dict, meta: dict, keep: int) -> Path:
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
-        final = self.checkpoints / f"{CHECKPOINT_PREFIX}{epoch:04d}"
-        tmp = self.checkpoints / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        save_file(_contiguous(model_state), str(tmp / "model.safetensors"))
-        torch.save(trainer_state, tmp / "trainer_state.pt")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    def pending_checkpoint(self, epoch: int) -> Path:
+        """Where the parts of an epoch checkpoint are written before it is renamed into place.
+        The name is fixed so that every rank finds it without talking to the others."""
+        return self.checkpoints / f".pending-{CHECKPOINT_PREFIX}{epoch:04d}"
+
+    @staticmethod
+    def clear(path: Path) -> None:
+        shutil.rmtree(path, ignore_errors=True)  # leftovers of a crash mid-write
+        path.mkdir(parents=True)
+
+    @staticmethod
+    def write_part(pending: Path, part: int, model_state: dict, trainer_state: dict) -> None:
+        """One pipeline rank's weights (under the full model's names) and its optimizer state."""
+        save_file(_contiguous(model_state), str(pending / f"part-{part}.safetensors"))
+        torch.save(trainer_state, pending / f"part-{part}-trainer.pt")
+
+    def finish_checkpoint(self, pending: Path, meta: dict, info: dict, keep: int) -> Path:
+        """Merge the parts into one full model, rename the checkpoint into place, publish the model."""
+        model_state = {}
+        for part in sorted(pending.glob("part-*.safetensors")):
+            model_state.update(load_file(str(part)))
+        save_file(model_state, str(pending / "model.safetensors"))
+        (pending / "meta.json").write_text(json.dumps(meta, indent=1))
+        final = self.checkpoints / f"{CHECKPOINT_PREFIX}{meta['epoch']:04d}"
         if final.exists():  # the same epoch again after a restart: replace it
             shutil.rmtree(final)
-        os.rename(tmp, final)
+        os.rename(pending, final)
         for old in self.checkpoint_dirs()[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+        self.publish_model(model_state, info)
         return final
 
     @staticmethod
-    def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
+    def load_checkpoint(path: Path, part: int = 0) -> tuple[dict, dict | None, dict]:
+        """The full model's weights, this pipeline rank's trainer state (None if absent), and the metadata."""
         model_state = load_file(str(path / "model.safetensors"))
-        trainer_state = torch.load(path / "trainer_state.pt", weights_only=True)
+        trainer_file = path / f"part-{part}-trainer.pt"
+        trainer_state = torch.load(trainer_file, weights_only=True) if trainer_file.exists() else None
         meta = json.loads((path / "meta.json").read_text())
         return model_state, trainer_state, meta
 

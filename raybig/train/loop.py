@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from raybig.models import build_model
 from raybig.train.checkpoint import RunStore
 from raybig.train.metrics import confusion, from_confusion
-from raybig.train.optim import build_optimizer, build_scheduler, penalized_weights, regularization_penalty
-from raybig.train.parallel import parallelize, unwrap
+from raybig.train.optim import add_penalty_gradients, build_optimizer, build_scheduler, penalized_weights
+from raybig.train.parallel import clip_grad_norm, load_state, parallelize, parameters, state_dict
 
 
 @dataclass
@@ -49,18 +49,21 @@ def _sum_across_ranks(tensor: torch.Tensor, env: WorkerEnv) -> torch.Tensor:
     return tensor
 
 
-def evaluate(spec, model, env: WorkerEnv, classes: int) -> dict[str, float]:
-    model.eval()
+def evaluate(spec, layout, env: WorkerEnv, classes: int) -> dict[str, float]:
+    """Validation loss and metrics, computed where the model's output is and summed over all ranks."""
+    for module in layout.local:
+        module.eval()
     cm = torch.zeros(classes, classes, dtype=torch.long)
     loss_sum, count = torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
-    with torch.no_grad(), _autocast(spec, env.device):
-        for x, y in env.val.eval_batches():
-            x, y = x.to(env.device), y.to(env.device)
-            out = model(x)
-            n = y.numel()
-            loss_sum += float(loss_fn(spec, out, y)) * n
-            count += n
-            cm += confusion(out.argmax(-1).cpu(), y.cpu(), classes)
+    for x, y in env.val.eval_batches():
+        x, y = x.to(env.device), y.to(env.device)
+        out = layout.forward(x, y)
+        if out is None:
+            continue
+        n = y.numel()
+        loss_sum += float(loss_fn(spec, out, y)) * n
+        count += n
+        cm += confusion(out.argmax(-1).cpu(), y.cpu(), classes)
     totals = _sum_across_ranks(torch.cat([loss_sum, count, cm.reshape(-1).double()]), env)
     metrics = from_confusion(totals[2:].reshape(classes, classes))
     return {"val_loss": float(totals[0] / totals[1].clamp(min=1)), **{f"val_{k}": v for k, v in metrics.items()}}
@@ -72,54 +75,60 @@ def _autocast(spec, device: torch.device):
 
 def fit(spec, meta, env: WorkerEnv, store: RunStore) -> list[dict]:
     """Train from the newest checkpoint in `store` (or from scratch) to spec.train.epochs."""
-    t = spec.train
-    model = build_model(spec.model, meta, dropout=t.regularization.dropout, seed=t.seed).to(env.device)
-    optimizer = build_optimizer(model.parameters(), t.optimizer)
+    t, reg = spec.train, spec.train.regularization
+    # Every rank builds the whole model from the same seed and keeps its part: identical initial
+    # weights in every layout, which is what lets a pipeline run reproduce a single-process one.
+    model = build_model(spec.model, meta, dropout=reg.dropout, seed=t.seed).to(env.device)
+    layout = parallelize(model, spec, env, lambda out, y: loss_fn(spec, out, y), lambda: _autocast(spec, env.device))
+    params = parameters(layout)
+    optimizer = build_optimizer(params, t.optimizer)
     steps_per_epoch = env.train.steps_per_epoch
     scheduler = build_scheduler(optimizer, t.lr_schedule, steps_per_epoch, t.epochs)
     history: list[dict] = []
     start_epoch, step = 0, 0
     latest = store.latest()
     if latest is not None:
-        model_state, trainer_state, ckpt_meta = RunStore.load_checkpoint(latest)
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(trainer_state["optimizer"])
-        scheduler.load_state_dict(trainer_state["scheduler"])
+        model_state, trainer_state, ckpt_meta = RunStore.load_checkpoint(latest, part=layout.mesh.pp_index)
+        load_state(layout, model_state)
+        if trainer_state is not None and ckpt_meta.get("layout") == _layout_key(spec):
+            optimizer.load_state_dict(trainer_state["optimizer"])
+            scheduler.load_state_dict(trainer_state["scheduler"])
+        else:  # weights are layout-free; optimizer state is per stage, so a new layout starts it afresh
+            scheduler.last_epoch = ckpt_meta["step"]
         start_epoch, step, history = ckpt_meta["epoch"], ckpt_meta["step"], ckpt_meta["history"]
-    model = parallelize(model, env)
-    weights = penalized_weights(unwrap(model))
-    reg = t.regularization
+    weights = [w for module in layout.local for w in penalized_weights(module)]
     attempt = time.strftime("%Y-%m-%dT%H:%M:%S")
-    classes = meta.num_classes
+    dp = spec.parallelism.data
 
     for epoch in range(start_epoch + 1, t.epochs + 1):
-        model.train()
+        for module in layout.local:
+            module.train()
         torch.manual_seed(t.seed * 7919 + epoch * 131 + env.rank)  # dropout masks: reproducible, distinct per rank
         step_losses = torch.zeros(steps_per_epoch, dtype=torch.float64)
         started = time.perf_counter()
         for i, (x, y) in enumerate(env.train.train_batches(epoch)):
             x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-            with _autocast(spec, env.device):
-                data_loss = loss_fn(spec, model(x), y)
-            loss = data_loss + regularization_penalty(weights, reg.l1, reg.l2)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = layout.train_step(x, y)
+            add_penalty_gradients(weights, reg.l1, reg.l2)
             if t.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                clip_grad_norm(layout, t.grad_clip)
             optimizer.step()
             scheduler.step()
             step += 1
-            step_losses[i] = data_loss.detach().float()
+            if loss is not None:
+                step_losses[i] = loss
             if env.progress and (i % 10 == 0 or i == steps_per_epoch - 1):
                 env.progress({"type": "step", "epoch": epoch, "step": i + 1, "steps": steps_per_epoch,
-                              "loss": float(data_loss)})
+                              "loss": float(loss) if loss is not None else float("nan")})
         train_seconds = time.perf_counter() - started
-        step_losses = _sum_across_ranks(step_losses, env) / env.world  # the global batch's mean loss per step
+        # only the ranks holding the model's output have a loss: one per data-parallel replica
+        step_losses = _sum_across_ranks(step_losses, env) / dp
         record = {
             "epoch": epoch,
             "step": step,
             "train_loss": float(step_losses.mean()),
-            **evaluate(spec, unwrap(model), env, classes),
+            **evaluate(spec, layout, env, meta.num_classes),
             "lr": scheduler.get_last_lr()[0],
             "samples_per_s": steps_per_epoch * t.batch_size / max(train_seconds, 1e-9),
             "train_seconds": train_seconds,
@@ -127,23 +136,41 @@ def fit(spec, meta, env: WorkerEnv, store: RunStore) -> list[dict]:
             "step_losses": step_losses.tolist(),
         }
         history.append(record)
-        if env.rank == 0:
-            _save(spec, meta, store, unwrap(model), optimizer, scheduler, record, history, env)
+        _save(spec, meta, store, layout, optimizer, scheduler, record, history, env)
         env.report({k: v for k, v in record.items() if k != "step_losses"})
     return history
 
 
-def _save(spec, meta, store: RunStore, model, optimizer, scheduler, record, history, env) -> None:
-    """Rank 0 writes: an epoch checkpoint on the cadence (and at the end), always the metrics and current model."""
+def _layout_key(spec) -> list:
+    p = spec.parallelism.pipeline
+    return [p.stages, p.total_stages, p.split_points]
+
+
+def _barrier(env: WorkerEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def _save(spec, meta, store: RunStore, layout, optimizer, scheduler, record, history, env) -> None:
+    """Each pipeline rank of the first data-parallel replica writes its part of an epoch checkpoint; rank 0
+    then merges the parts into one full model and renames the checkpoint into place."""
     epoch, last = record["epoch"], record["epoch"] == spec.train.epochs
-    state = model.state_dict()
     if epoch % spec.checkpoint.every_epochs == 0 or last:
-        store.save_checkpoint(
-            epoch, state, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-            {"epoch": epoch, "step": record["step"], "history": history}, keep=spec.checkpoint.keep)
-        store.publish_model(state, {"name": spec.name, "kind": spec.model.kind, "epoch": epoch,
-                                    "data": meta.to_dict(), "model": spec.model.model_dump(mode="json"),
-                                    "metrics": {k: v for k, v in record.items() if k != "step_losses"}})
-    store.write_history(history)
-    if env.progress:
-        env.progress({"type": "epoch", **record})
+        pending = store.pending_checkpoint(epoch)
+        if env.rank == 0:
+            store.clear(pending)
+        _barrier(env)
+        if layout.writes_part:
+            store.write_part(pending, layout.mesh.pp_index, state_dict(layout),
+                             {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
+        _barrier(env)
+        if env.rank == 0:
+            info = {"name": spec.name, "kind": spec.model.kind, "epoch": epoch, "data": meta.to_dict(),
+                    "model": spec.model.model_dump(mode="json"),
+                    "metrics": {k: v for k, v in record.items() if k != "step_losses"}}
+            store.finish_checkpoint(pending, {"epoch": epoch, "step": record["step"], "history": history,
+                                              "layout": _layout_key(spec)}, info, keep=spec.checkpoint.keep)
+    if env.rank == 0:
+        store.write_history(history)
+        if env.progress:
+            env.progress({"type": "epoch", **record})

@@ -31,14 +31,23 @@ def penalized_weights(model: nn.Module) -> list[torch.Tensor]:
     return [p for name, p in model.named_parameters() if p.dim() > 1 and not name.endswith("pos")]
 
 
-def regularization_penalty(weights: list[torch.Tensor], l1: float, l2: float) -> torch.Tensor | float:
-    """Added to the loss (not folded into the optimizer), so it acts the same under every optimizer."""
-    penalty = 0.0
-    if l1:
-        penalty = penalty + l1 * sum(w.abs().sum() for w in weights)
-    if l2:
-        penalty = penalty + l2 * sum(w.pow(2).sum() for w in weights)
-    return penalty
+@torch.no_grad()
+def add_penalty_gradients(weights: list[torch.Tensor], l1: float, l2: float) -> None:
+    """The gradient of l1 * sum|w| + l2 * sum w^2, added after backward.
+
+    Adding it here rather than to the loss gives the same update under every optimizer and every
+    layout: it does not pass through the per-microbatch loss scaling of a pipeline schedule, and the
+    penalty is computed once per rank over the weights that rank owns.
+    """
+    if not (l1 or l2):
+        return
+    for w in weights:
+        if w.grad is None:
+            continue
+        if l1:
+            w.grad.add_(torch.sign(w), alpha=l1)
+        if l2:
+            w.grad.add_(w, alpha=2 * l2)
 
 
 def build_scheduler(optimizer, schedule, steps_per_epoch: int, epochs: int):

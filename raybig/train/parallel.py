@@ -1,20 +1,245 @@
-"""Parallelism applied from outside the model: the loop hands its model here and trains what comes back."""
+"""Parallelism applied from outside the model, in torchtitan's order: lay out the mesh, split the model
+into stages, wrap each stage for data parallelism, then build the pipeline schedule.
+
+The training loop sees one object, a `Layout`, whatever the degrees: it asks it to run a forward and
+backward pass on a batch, to run a forward pass for evaluation, and for this rank's share of the weights.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-
-def parallelize(model: nn.Module, env) -> nn.Module:
-    """Data parallel over every rank (gloo on CPU, NCCL on GPU, as Ray Train set up the process group).
-
-    DDP broadcasts rank 0's weights when it wraps, so ranks start identical even if their seeds were not.
-    """
-    if not env.distributed:
-        return model
-    device_ids = [env.device] if env.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B"}
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
+# ----------------------------------------------------------------------------- the mesh
+@dataclass(frozen=True)
+class Mesh:
+    """Where a rank sits in the (dp, pp) grid; rank = dp_index * pp + pp_index."""
+    dp: int
+    pp: int
+    rank: int
+
+    @property
+    def dp_index(self) -> int:
+        return self.rank // self.pp
+
+    @property
+    def pp_index(self) -> int:
+        return self.rank % self.pp
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.pp
+
+
+def process_groups(mesh: Mesh):
+    """The (dp, pp) sub-groups of a named DeviceMesh; None where the degree is 1 or there is no process group."""
+    if mesh.world == 1 or not dist.is_initialized():
+        return None, None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device_type = "cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
+    device_mesh = init_device_mesh(device_type, (mesh.dp, mesh.pp), mesh_dim_names=("dp", "pp"))
+    dp_group = device_mesh["dp"].get_group() if mesh.dp > 1 else None
+    pp_group = device_mesh["pp"].get_group() if mesh.pp > 1 else None
+    return dp_group, pp_group
+
+
+# ----------------------------------------------------------------------------- splitting into stages
+def balanced_split(sizes: list[int], parts: int) -> list[int]:
+    """Start indices of `parts` contiguous groups of `sizes` that minimise the largest group's sum."""
+    n = len(sizes)
+    if parts > n:
+        raise ValueError(f"cannot split {n} blocks into {parts} stages")
+    prefix = [0]
+    for s in sizes:
+        prefix.append(prefix[-1] + s)
+    inf = float("inf")
+    # best[k][i]: the smallest possible largest part when the first i blocks form k parts
+    best = [[inf] * (n + 1) for _ in range(parts + 1)]
+    cut = [[0] * (n + 1) for _ in range(parts + 1)]
+    best[0][0] = 0
+    for k in range(1, parts + 1):
+        for i in range(k, n - (parts - k) + 1):
+            for j in range(k - 1, i):
+                cost = max(best[k - 1][j], prefix[i] - prefix[j])
+                if cost < best[k][i]:
+                    best[k][i], cut[k][i] = cost, j
+    starts, i = [], n
+    for k in range(parts, 0, -1):
+        i = cut[k][i]
+        starts.append(i)
+    return starts[::-1]
+
+
+def stage_starts(model: nn.Module, stages: int, split_points: list[int] | None) -> list[int]:
+    """Explicit split points (block indices where stages 2, 3, ... begin), or balanced by parameter count."""
+    if split_points:
+        return [0, *split_points]
+    sizes = [sum(p.numel() for p in block.parameters()) or 1 for block in model.blocks]
+    return balanced_split(sizes, stages)
+
+
+class Stage(nn.Module):
+    """A run of consecutive blocks. Parameter names keep the full model's block indices (blocks.3.weight),
+    so the stages' state dicts merge back into the full model's with no renaming."""
+
+    def __init__(self, blocks: dict[int, nn.Module]):
+        super().__init__()
+        self.blocks = nn.ModuleDict({str(i): block for i, block in blocks.items()})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks.values():
+            x = block(x)
+        return x
+
+
+def split_model(model: nn.Module, starts: list[int]) -> list[Stage]:
+    ends = [*starts[1:], len(model.blocks)]
+    return [Stage({i: model.blocks[i] for i in range(a, b)}) for a, b in zip(starts, ends)]
+
+
+# ----------------------------------------------------------------------------- layouts
+class DataParallel:
+    """One stage holding the whole model; DDP over all ranks when there is more than one."""
+
+    def __init__(self, model: nn.Module, mesh: Mesh, dp_group, device: torch.device, loss_fn, autocast):
+        self.mesh, self.loss_fn, self.autocast = mesh, loss_fn, autocast
+        self.local, self.stage_ids, self.pp_group = [model], [0], None
+        self.writes_part = mesh.dp_index == 0
+        self.holds_output = True
+        self.model = model
+        if dp_group is not None:
+            self.model = DistributedDataParallel(
+                model, process_group=dp_group, device_ids=[device] if device.type == "cuda" else None,
+                broadcast_buffers=False)
+
+    def train_step(self, x, y) -> torch.Tensor:
+        with self.autocast():
+            loss = self.loss_fn(self.model(x), y)
+        loss.backward()
+        return loss.detach()
+
+    @torch.no_grad()
+    def forward(self, x, y) -> torch.Tensor:
+        with self.autocast():
+            return self.local[0](x)  # the bare module: evaluation needs no gradient sync
+
+
+class Pipeline:
+    """This rank's stage(s) of the model, each wrapped in DDP over its dp group, driven by a torch schedule."""
+
+    def __init__(self, model: nn.Module, mesh: Mesh, dp_group, pp_group, device: torch.device, loss_fn, autocast,
+                 pipeline_spec):
+        from torch.distributed import pipelining
+
+        self.mesh, self.loss_fn, self.autocast = mesh, loss_fn, autocast
+        self.pp_group = pp_group
+        self.batch = 0
+        virtual = pipeline_spec.virtual_stages if pipeline_spec.schedule == "interleaved_1f1b" else 1
+        total = mesh.pp * virtual
+        stages = split_model(model, stage_starts(model, total, pipeline_spec.split_points))
+        # interleaved: rank r holds stages r, r + pp, r + 2 pp, ... (torch's convention)
+        self.stage_ids = list(range(mesh.pp_index, total, mesh.pp))
+        self.local = [stages[i].to(device) for i in self.stage_ids]
+        self.writes_part = mesh.dp_index == 0
+        self.holds_output = (total - 1) in self.stage_ids
+        self.holds_input = 0 in self.stage_ids
+        # Gradients are averaged over the dp group after the schedule step (see train_step), not by DDP:
+        # DDP's reducer, under the schedule's per-microbatch no_sync, rebuilt its buckets wrongly in
+        # torch 2.13 (an internal assert, or silently unsynchronised replicas with static_graph).
+        self.dp_group = dp_group
+        pipe_stages = [pipelining.PipelineStage(s, i, total, device, group=pp_group)
+                       for s, i in zip(self.local, self.stage_ids)]
+        schedule_cls = getattr(pipelining, SCHEDULES[pipeline_spec.schedule])
+        # scale_grads: the loss is a per-microbatch mean, so gradients are averaged over microbatches,
+        # which makes a step the same as one over the whole batch.
+        stage_arg = pipe_stages if virtual > 1 else pipe_stages[0]
+        self.schedule = schedule_cls(stage_arg, n_microbatches=pipeline_spec.microbatches,
+                                     loss_fn=self._microbatch_loss, scale_grads=True)
+
+    def _microbatch_loss(self, outputs, targets):
+        return self.loss_fn(outputs, targets)
+
+    def _args(self, x, y) -> tuple[tuple, dict]:
+        kwargs = {"target": y, "losses": []} if self.holds_output else {}
+        return ((x,) if self.holds_input else ()), kwargs
+
+    def train_step(self, x, y) -> torch.Tensor | None:
+        self.batch = len(x)
+        args, kwargs = self._args(x, y)
+        with self.autocast():
+            self.schedule.step(*args, **kwargs)
+        if self.dp_group is not None:
+            average_gradients(parameters(self), self.dp_group)
+        if self.holds_output:
+            return torch.stack([loss.detach().float() for loss in kwargs["losses"]]).mean()
+        return None
+
+    @torch.no_grad()
+    def forward(self, x, y) -> torch.Tensor | None:
+        """The stages were shaped by the training batch: pad a short evaluation batch up to it."""
+        n = len(x)
+        if n < self.batch:
+            x, y = (torch.cat([t, t[:1].expand(self.batch - n, *t.shape[1:])]) for t in (x, y))
+        args, kwargs = self._args(x, y)
+        with self.autocast():
+            out = self.schedule.eval(*args, **kwargs)
+        return out[:n] if self.holds_output else None
+
+
+def average_gradients(params: list[nn.Parameter], group) -> None:
+    """One all-reduce of all gradients, flattened, then divided by the group size."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def parallelize(model: nn.Module, spec, env, loss_fn, autocast):
+    mesh = Mesh(spec.parallelism.data, spec.parallelism.pipeline.stages, env.rank)
+    dp_group, pp_group = process_groups(mesh) if env.distributed else (None, None)
+    if mesh.pp == 1:
+        return DataParallel(model, mesh, dp_group, env.device, loss_fn, autocast)
+    return Pipeline(model, mesh, dp_group, pp_group, env.device, loss_fn, autocast, spec.parallelism.pipeline)
+
+
+def state_dict(layout) -> dict[str, torch.Tensor]:
+    """This rank's parameters under the full model's names."""
+    out = {}
+    for module in layout.local:
+        out.update(module.state_dict())
+    return out
+
+
+def load_state(layout, full_state: dict[str, torch.Tensor]) -> None:
+    for module in layout.local:
+        keys = module.state_dict().keys()
+        module.load_state_dict({k: full_state[k] for k in keys})
+
+
+def parameters(layout) -> list[nn.Parameter]:
+    return [p for module in layout.local for p in module.parameters()]
+
+
+def clip_grad_norm(layout, max_norm: float) -> None:
+    """Clip by the norm over the whole model: with stages, each rank adds its part of the squared norm."""
+    params = [p for p in parameters(layout) if p.grad is not None]
+    squared = torch.stack([p.grad.detach().float().pow(2).sum() for p in params]).sum() if params else torch.zeros(())
+    if layout.pp_group is not None:
+        dist.all_reduce(squared, group=layout.pp_group)
+    scale = max_norm / (squared.sqrt() + 1e-6)
+    if scale < 1:
+        for p in params:
+            p.grad.mul_(scale)

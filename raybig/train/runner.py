@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,9 +41,20 @@ def check_plan(spec: JobSpec, meta: DataMeta, cpus: float | None) -> None:
     if spec.model.num_classes is not None and spec.model.num_classes != meta.num_classes:
         problems.append(("model.num_classes", f"{spec.model.num_classes}, but the data has {meta.num_classes} classes"))
     try:
-        build_model(spec.model, meta)
+        blocks = len(build_model(spec.model, meta).blocks)
     except ValueError as err:
         problems.append(("model.kind", f"{spec.model.kind}: {err}"))
+        blocks = 0
+    pipe = spec.parallelism.pipeline
+    if blocks and pipe.total_stages > blocks:
+        problems.append(("parallelism.pipeline.stages", f"{pipe.total_stages} stages but the {spec.model.kind} "
+                         f"model has {blocks} blocks"))
+    if blocks and pipe.split_points and pipe.split_points[-1] >= blocks:
+        problems.append(("parallelism.pipeline.split_points", f"block {pipe.split_points[-1]} does not exist: "
+                         f"the {spec.model.kind} model has blocks 0..{blocks - 1}"))
+    if pipe.stages > 1 and pipe.microbatches < pipe.total_stages:
+        warnings.warn(f"parallelism.pipeline.microbatches: {pipe.microbatches} microbatches for "
+                      f"{pipe.total_stages} stages: the pipeline bubble will dominate the step time", stacklevel=2)
     workers = spec.parallelism.workers
     need = workers * spec.resources.cpus_per_worker
     if cpus is not None and need > cpus:
@@ -86,7 +98,8 @@ def run(spec: JobSpec, *, address: str | None = None, num_cpus: float | None = N
         return RunOutcome(store, store.history(), resumed_from=done, already_complete=True)
     store.write_spec(spec.to_yaml())
     bundle = load(spec.data)
-    loader = choose_loader(spec.data.loader, bundle.nbytes)
+    # the stages of one pipeline replica must see the same batches, which only the memory loader gives
+    loader = "memory" if spec.parallelism.pipeline.stages > 1 else choose_loader(spec.data.loader, bundle.nbytes)
     started = time.perf_counter()
     with ray_session(address, num_cpus, verbose):
         if address:

@@ -9,7 +9,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
     from raybig.data.datasets import DataMeta
-    from raybig.data.loader import MemorySource, StreamSource, materialize
+    from raybig.data.loader import StreamSource, materialize, memory_sources
     from raybig.spec import JobSpec
     from raybig.train.checkpoint import RunStore
     from raybig.train.loop import WorkerEnv, fit
@@ -22,8 +22,7 @@ def train_loop_per_worker(config: dict) -> None:
     batch, seed = spec.train.batch_size, spec.train.seed
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     if config["loader"] == "memory":
-        train = MemorySource(*materialize(train_shard), batch, rank, world, seed)
-        val = MemorySource(*materialize(val_shard), batch, rank, world, seed)
+        train, val = memory_sources(spec, materialize(train_shard), materialize(val_shard), rank)
     else:
         train = StreamSource(train_shard, config["train_rows"], batch, world, seed, meta.shape)
         val = StreamSource(val_shard, config["val_rows"], batch, world, seed, meta.shape)

@@ -1,0 +1,145 @@
+"""Pipeline and 2-D (data x pipeline) layouts: the same losses and weights as one process."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from multiproc import run_local
+from raybig.data.datasets import describe
+from raybig.errors import SpecError
+from raybig.models import build_model
+from raybig.spec import parse_spec
+from raybig.train.checkpoint import RunStore
+from raybig.train.parallel import balanced_split, split_model, stage_starts
+from raybig.train.runner import check_plan
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def job(tmp_path, name, data=1, pipeline=None, epochs=1, **model):
+    return {
+        "name": name,
+        "model": {"kind": "mlp", "hidden": [64, 64, 64], **model},
+        "data": {"source": "digits"},
+        "train": {"epochs": epochs, "batch_size": 64, "optimizer": {"name": "adam", "lr": 2e-3}, "seed": 0,
+                  "regularization": {"l2": 1e-4}, "grad_clip": 5.0},
+        "parallelism": {"data": data, "pipeline": pipeline or {"stages": 1}},
+        "output": {"dir": str(tmp_path)},
+    }
+
+
+def losses_and_weights(store_dir):
+    store = RunStore(store_dir)
+    return np.concatenate([r["step_losses"] for r in store.history()]), load_file(store.root / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    run_local(job(out, "single"), out / "single")
+    return losses_and_weights(out / "single")
+
+
+LAYOUTS = {
+    "gpipe": (1, {"stages": 2, "microbatches": 4, "schedule": "gpipe"}),
+    "1f1b": (1, {"stages": 2, "microbatches": 4, "schedule": "1f1b"}),
+    "interleaved": (1, {"stages": 2, "microbatches": 4, "schedule": "interleaved_1f1b", "virtual_stages": 2}),
+    "data2 x pipeline2": (2, {"stages": 2, "microbatches": 2, "schedule": "1f1b"}),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_layout_matches_one_process(tmp_path, single, layout):
+    data, pipeline = LAYOUTS[layout]
+    run_local(job(tmp_path, "p", data=data, pipeline=pipeline), tmp_path / "p")
+    losses, weights = losses_and_weights(tmp_path / "p")
+    ref_losses, ref_weights = single
+    assert len(losses) == len(ref_losses) >= 5
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
+    assert weights.keys() == ref_weights.keys()  # the stages were reassembled into the full model
+    for key in ref_weights:
+        torch.testing.assert_close(weights[key], ref_weights[key], rtol=1e-3, atol=1e-5)
+
+
+def test_pipeline_run_resumes_from_its_checkpoint(tmp_path, single):
+    pipeline = {"stages": 2, "microbatches": 4, "schedule": "1f1b"}
+    run_local(job(tmp_path, "r", pipeline=pipeline, epochs=1), tmp_path / "r")
+    run_local(job(tmp_path, "r", pipeline=pipeline, epochs=2), tmp_path / "r")
+    history = RunStore(tmp_path / "r").history()
+    assert [r["epoch"] for r in history] == [1, 2] and len({r["attempt"] for r in history}) == 2
+    straight = tmp_path / "straight"
+    run_local(job(tmp_path, "s", epochs=2), straight)
+    np.testing.assert_allclose(losses_and_weights(tmp_path / "r")[0], losses_and_weights(straight)[0], rtol=1e-4)
+
+
+def test_balanced_split_minimises_the_largest_stage():
+    assert balanced_split([1, 1, 1, 1], 2) == [0, 2]
+    assert balanced_split([10, 1, 1, 1, 1], 2) == [0, 1]
+    assert balanced_split([1, 1, 1, 9], 2) == [0, 3]
+    assert balanced_split([3, 3, 3], 3) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("model, stages", [
+    ({"kind": "mlp", "hidden": [64, 64]}, 3), ({"kind": "cnn"}, 4), ({"kind": "lstm", "layers": 2}, 3),
+    ({"kind": "transformer", "layers": 4}, 3),
+])
+def test_every_model_kind_splits_into_stages_that_compose(model, stages):
+    spec = parse_spec({"name": "x", "model": model, "data": {"source": "digits"}})
+    net = build_model(spec.model, describe(spec.data), seed=0).eval()
+    parts = split_model(net, stage_starts(net, stages, None))
+    assert len(parts) == stages
+    merged = {}
+    for part in parts:
+        merged.update(part.state_dict())
+    assert merged.keys() == net.state_dict().keys()
+    x = torch.rand(3, 8, 8)
+    h = x
+    for part in parts:
+        h = part(h)
+    assert torch.equal(h, net(x))
+
+
+def test_transformer_splits_between_its_layers():
+    spec = parse_spec({"name": "x", "model": {"kind": "transformer", "layers": 4}, "data": {"source": "digits"}})
+    net = build_model(spec.model, describe(spec.data))
+    starts = stage_starts(net, 2, None)
+    # blocks: embed, 4 layers, head: a balanced cut falls between two attention layers
+    assert starts == [0, 3] and type(net.blocks[3]).__name__ == "Layer"
+
+
+def plan_problems(raw, cpus=16):
+    try:
+        spec = parse_spec(raw)
+        check_plan(spec, describe(spec.data), cpus)
+    except SpecError as err:
+        return err.problems
+    return []
+
+
+@pytest.mark.parametrize("pipeline, data, path", [
+    ({"stages": 5, "microbatches": 2, "schedule": "gpipe"}, 1, "parallelism.pipeline.stages"),  # 4 blocks
+    ({"stages": 2, "microbatches": 3}, 1, "train.batch_size"),
+    ({"stages": 2, "microbatches": 4, "schedule": "interleaved_1f1b", "virtual_stages": 1}, 1,
+     "parallelism.pipeline.virtual_stages"),
+    ({"stages": 2, "microbatches": 4, "schedule": "1f1b", "virtual_stages": 2}, 1, "parallelism.pipeline.virtual_stages"),
+    ({"stages": 2, "microbatches": 8, "schedule": "interleaved_1f1b", "virtual_stages": 3}, 1,
+     "parallelism.pipeline.stages"),
+    ({"stages": 2, "microbatches": 2, "split_points": [3, 1]}, 1, "parallelism.pipeline.split_points"),
+    ({"stages": 4, "microbatches": 4}, 8, "parallelism.data"),
+])
+def test_pipeline_spec_errors_name_the_field(tmp_path, pipeline, data, path):
+    raw = job(tmp_path, "e", data=data, pipeline=pipeline)
+    raw["train"]["batch_size"] = 64 if path != "parallelism.data" else 128
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the bubble warning some of these layouts also earn
+        problems = plan_problems(raw)
+    assert problems and problems[0][0] == path, problems
+
+
+def test_fewer_microbatches_than_stages_is_only_a_warning_for_gpipe(tmp_path):
+    raw = job(tmp_path, "w", pipeline={"stages": 2, "microbatches": 1, "schedule": "gpipe"})
+    with pytest.warns(UserWarning, match="bubble"):
+        check_plan(parse_spec(raw), describe(parse_spec(raw).data), 16)
+    assert plan_problems(job(tmp_path, "w", pipeline={"stages": 2, "microbatches": 1, "schedule": "1f1b"}))
