@@ -3,6 +3,7 @@ applied from outside (`parallelize`) and the batch source it is handed, never th
 """
 from __future__ import annotations
 
+import resource
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -135,10 +136,22 @@ def fit(spec, meta, env: WorkerEnv, store: RunStore) -> list[dict]:
             "attempt": attempt,
             "step_losses": step_losses.tolist(),
         }
+        record["peak_rss_mb"] = _peak_rss_per_rank(env)
+        record["epoch_seconds"] = time.perf_counter() - started
         history.append(record)
         _save(spec, meta, store, layout, optimizer, scheduler, record, history, env)
         env.report({k: v for k, v in record.items() if k != "step_losses"})
     return history
+
+
+def _peak_rss_per_rank(env: WorkerEnv) -> list[float]:
+    """Each rank's peak resident memory so far (MB): how much a stage or replica really needs."""
+    mine = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0], dtype=torch.float64)
+    if not env.distributed:
+        return mine.tolist()
+    every = [torch.zeros_like(mine) for _ in range(env.world)]
+    dist.all_gather(every, mine)
+    return torch.cat(every).tolist()
 
 
 def _layout_key(spec) -> list:
