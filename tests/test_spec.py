@@ -130,3 +130,10 @@ def test_set_errors_name_the_path(tmp_path):
 def test_resolved_spec_round_trips():
     spec = load_spec(JOBS / "digits_cnn.yaml")
     assert parse_spec(yaml.safe_load(spec.to_yaml())) == spec
+
+
+def test_the_spec_reference_in_docs_is_current():
+    from raybig.specdoc import render
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "spec.md"
+    assert docs.read_text().strip() == render().strip(), "regenerate: python -m raybig.specdoc > docs/spec.md"
