@@ -46,11 +46,19 @@ def validate(
 
     spec = _load(spec_path, set_)
     try:
-        check_plan(spec, describe(spec.data), embedded_cpus(num_cpus))
+        meta = describe(spec.data)
+        check_plan(spec, meta, embedded_cpus(num_cpus))
     except SpecError as error:
         _fail(error)
+    p = spec.parallelism
     out.print(f"[green]ok[/]: {spec_path} ({spec.name}: {spec.model.kind} on {spec.data.source}, "
-              f"{spec.parallelism.workers} worker(s))", highlight=False)
+              f"{p.workers} worker(s): data {p.data} x pipeline {p.pipeline.stages})", highlight=False)
+    if p.pipeline.stages > 1:
+        from raybig.models import build_model
+        from raybig.train.parallel import describe_stages
+
+        for line in describe_stages(build_model(spec.model, meta), p.pipeline):
+            out.print(f"  {line}", highlight=False)
 
 
 @app.command()

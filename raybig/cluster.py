@@ -7,6 +7,9 @@ from contextlib import contextmanager
 
 # A busy machine can take longer than Ray Train's 60 s default to start a worker group.
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+# The Train controller moves between states (starting, running, finished) only when it polls its
+# workers, every 2 s by default: polling every 0.25 s cut a short run from 19 s to 13 s here.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 def embedded_cpus(num_cpus: float | None) -> float:

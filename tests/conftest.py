@@ -1,18 +1,16 @@
-import os
-
 import pytest
 
-os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+import raybig.cluster  # noqa: F401  (sets raybig's Ray Train settings before the session's Ray starts)
 
 RAY_CPUS = 4  # two workers, a spare, and room for Ray Data; tests never start a second Ray
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_local():
     """A real local Ray, started once and shared by every test that asks (it takes seconds to start).
 
-    Function-scoped on purpose: a test module that needs no in-process Ray (one that drives a separate
-    `ray start --head` cluster) may shut it down first, and the next test that asks starts it again,
+    Module-scoped on purpose: a test module that needs no in-process Ray (one that drives a separate
+    `ray start --head` cluster) may shut it down first, and the next module that asks starts it again,
     so two Ray clusters never run at once.
     """
     import ray

@@ -85,6 +85,19 @@ def stage_starts(model: nn.Module, stages: int, split_points: list[int] | None) 
     return balanced_split(sizes, stages)
 
 
+def describe_stages(model: nn.Module, pipeline_spec) -> list[str]:
+    """One line per stage: its blocks and parameter count, as `raybig validate` shows them."""
+    total = pipeline_spec.total_stages
+    starts = stage_starts(model, total, pipeline_spec.split_points)
+    ends = [*starts[1:], len(model.blocks)]
+    lines = []
+    for i, (a, b) in enumerate(zip(starts, ends)):
+        params = sum(p.numel() for block in model.blocks[a:b] for p in block.parameters())
+        kinds = ", ".join(type(block).__name__ for block in model.blocks[a:b])
+        lines.append(f"stage {i} (rank {i % pipeline_spec.stages}): blocks {a}..{b - 1} [{kinds}], {params:,} parameters")
+    return lines
+
+
 class Stage(nn.Module):
     """A run of consecutive blocks. Parameter names keep the full model's block indices (blocks.3.weight),
     so the stages' state dicts merge back into the full model's with no renaming."""
