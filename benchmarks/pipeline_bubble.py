@@ -1,12 +1,12 @@
 """How close raybig's pipeline comes to the bubble bound, in one run.
 
-A deep MLP (8 x 1024 by default) trained by raybig as one stage on one worker, then split over p = 2
-pipeline stages (2 workers) with m microbatches. For each m the measured speed-up over the one-stage run,
+A deep MLP (64 -> 1024, then 8 layers of 1024 x 1024: an even split) trained by raybig as one stage on
+one worker, then split over p = 2 pipeline stages (2 workers) with m microbatches. For each m the measured speed-up over the one-stage run,
 divided by p, is printed beside the bound m / (m + p - 1), and beside the same figure for plain
 torch.distributed.pipelining under torchrun (benchmarks/plain/pp_torchrun.py). Peak memory per stage
 (resident set of each worker) is compared for gpipe and 1f1b at the same m.
 
-    python benchmarks/pipeline_bubble.py [--batch 2048] [--hidden 1024] [--layers 8] [--steps 12]
+    python benchmarks/pipeline_bubble.py [--batch 2048] [--hidden 1024] [--layers 9] [--steps 12]
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ PLAIN = Path(__file__).resolve().parent / "plain" / "pp_torchrun.py"
 def plain(args, world: int, microbatches: int, schedule: str) -> float:
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), str(PLAIN),
                           "--schedule", schedule, "--microbatches", str(microbatches), "--batch", str(args.batch),
-                          "--hidden", str(args.hidden), "--layers", str(args.layers), "--steps", str(args.steps)],
+                          "--hidden", str(args.hidden), "--layers", str(args.layers - 1), "--steps", str(args.steps)],
                          capture_output=True, text=True, check=True).stdout
     return float(re.search(r"samples_per_s=(\d+)", out).group(1))
 
@@ -61,7 +61,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=2048)
     parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=9,
+                        help="hidden layers; the first maps the 64 inputs, the rest are H x H as in the plain script")
     parser.add_argument("--steps", type=int, default=12, help="steps per epoch")
     parser.add_argument("--microbatches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     args = parser.parse_args()
@@ -80,7 +81,7 @@ def main() -> None:
     plain_base = plain(args, 1, 1, "gpipe")
     plain_rows = {m: plain(args, p, m, schedule) for m, schedule, _ in rows}
 
-    print(f"deep MLP {args.layers} x {args.hidden}, global batch {args.batch}, p = {p} stages, gloo on CPU")
+    print(f"deep MLP 64-{args.hidden} + {args.layers - 1} x {args.hidden}, global batch {args.batch}, p = {p} stages, gloo on CPU")
     print(f"one stage, one worker: {base['samples_per_s']:.0f} samples/s, peak RSS {base['peak_rss_mb'][0]:.0f} MB")
     print(f"plain torchrun, one process: {plain_base:.0f} samples/s")
     print(f"{'m':>3} {'schedule':>9} {'samples/s':>10} {'speed-up':>9} {'speed-up/p':>11} {'bound':>7} {'of bound':>9}"

@@ -44,3 +44,13 @@ def cluster_cpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("CPU", 0))
+
+
+def logs_dir() -> str | None:
+    """Where this Ray node keeps the workers' logs (they are not echoed to the terminal unless --verbose)."""
+    try:
+        from ray._private.worker import _global_node
+
+        return _global_node.get_logs_dir_path() if _global_node is not None else None
+    except (ImportError, AttributeError):
+        return None

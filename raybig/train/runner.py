@@ -157,7 +157,10 @@ def _fit(spec: JobSpec, bundle, loader: str, store: RunStore, view, verbose: boo
         for item in ray.get(board.drain.remote()):
             view.handle(item)
     if error:
-        raise RunFailed(_explain(error[0])) from error[0]
+        from raybig.cluster import logs_dir
+
+        where = logs_dir()
+        raise RunFailed(_explain(error[0]) + (f"\nworker logs: {where}" if where else "")) from error[0]
 
 
 def _explain(err: BaseException) -> str:
