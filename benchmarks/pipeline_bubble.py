@@ -32,7 +32,7 @@ def spec(args, out: Path, name: str, stages: int, microbatches: int, schedule: s
         "model": {"kind": "mlp", "hidden": [args.hidden] * args.layers},
         "data": {"source": "synthetic", "samples": int(args.batch * args.steps / 0.8) + args.batch,
                  "features": 64, "classes": 10},
-        "train": {"epochs": 2, "batch_size": args.batch, "optimizer": {"name": "momentum", "lr": 0.01}, "seed": 0},
+        "train": {"epochs": 2, "batch_size": args.batch, "optimizer": {"name": "sgd", "lr": 0.01}, "seed": 0},
         "parallelism": {"data": 1, "pipeline": {"stages": stages, "microbatches": microbatches, "schedule": schedule}},
         "checkpoint": {"every_epochs": 2, "keep": 1},
         "output": {"dir": str(out)},
