@@ -108,5 +108,78 @@ def run(
               "tensorboard/, checkpoints/)", highlight=False)
 
 
+@app.command("serve")
+def serve_runs(
+    runs: list[str] = typer.Argument(..., metavar="RUN_DIR...", help="Run directories, or name:version=RUN_DIR."),
+    host: Optional[str] = typer.Option(None, help="Default: the run's serve.host (127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, help="Default: the run's serve.port (8000)."),
+    address: Optional[str] = typer.Option(None, help="Serve on a running Ray cluster."),
+    num_cpus: Optional[float] = typer.Option(None, help="Logical CPUs of the embedded Ray."),
+):
+    """Serve trained runs over HTTP until Ctrl-C: POST /v1/models/NAME/predict, GET /v1/models, /docs."""
+    import time
+
+    from ray import serve as ray_serve
+
+    from raybig.cluster import ray_session
+    from raybig.serve.app import entry_from_arg, start
+
+    try:
+        entries = [entry_from_arg(arg) for arg in runs]
+    except SpecError as error:
+        _fail(error)
+    first = entries[0].serve
+    with ray_session(address, num_cpus):
+        url = start(entries, host or first.host, port or first.port)
+        for e in entries:
+            route = "generate" if e.info["data"]["task"] == "lm" else "predict"
+            out.print(f"{e.name} {e.version}: POST {url}/v1/models/{e.name}/{route}", highlight=False)
+        out.print(f"models: GET {url}/v1/models   docs: {url}/docs   (Ctrl-C stops)", highlight=False)
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            err.print("shutting down")
+        finally:
+            ray_serve.shutdown()
+
+
+@app.command()
+def query(
+    name: str = typer.Argument(..., help="The model's name."),
+    input_path: Optional[str] = typer.Option(None, "--input", help="Samples: .json, .csv or .npy."),
+    prompt: Optional[str] = typer.Option(None, help="For a language model: the text to continue."),
+    max_new_tokens: int = typer.Option(64),
+    temperature: float = typer.Option(1.0),
+    version: Optional[str] = typer.Option(None, help="A version other than the default."),
+    url: str = typer.Option("http://127.0.0.1:8000", help="The server's base URL."),
+    token: Optional[str] = typer.Option(None, envvar="RAYBIG_TOKEN", help="Bearer token, if the server wants one."),
+):
+    """Query a served model and print the predictions as a table."""
+    from rich.table import Table
+
+    from raybig.serve.client import post, read_inputs
+
+    try:
+        if prompt is not None:
+            reply = post(f"{url}/v1/models/{name}/generate", {"prompt": prompt, "max_new_tokens": max_new_tokens,
+                                                              "temperature": temperature}, token, version)
+            out.print(f"[bold]{name} {reply['version']}[/]: {prompt}[green]{reply['text']}[/]", highlight=False)
+            return
+        if input_path is None:
+            raise SpecError("give --input FILE (or --prompt for a language model)", "--input")
+        reply = post(f"{url}/v1/models/{name}/predict", {"inputs": read_inputs(input_path)}, token, version)
+    except SpecError as error:
+        _fail(error)
+    table = Table(title=f"{name} {reply['version']}")
+    for column in ("sample", "label", "probability", "runner-up"):
+        table.add_column(column, justify="right")
+    for i, p in enumerate(reply["predictions"]):
+        ranked = sorted(range(len(p["probabilities"])), key=lambda k: -p["probabilities"][k])
+        table.add_row(str(i), str(p["label"]), f"{p['probabilities'][p['label']]:.3f}",
+                      f"{ranked[1]} ({p['probabilities'][ranked[1]]:.3f})" if len(ranked) > 1 else "")
+    out.print(table)
+
+
 def main() -> None:  # pragma: no cover - console script entry
     app()

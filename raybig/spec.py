@@ -220,6 +220,35 @@ class OutputSpec(Strict):
     dir: str = Field(default="runs", description="The model store: each run lives in <dir>/<name>/.")
 
 
+class AutoscalingSpec(Strict):
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=2, ge=1)
+    target_ongoing_requests: float = Field(default=16, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} is above max_replicas {self.max_replicas}")
+        return self
+
+
+class ServeSpec(Strict):
+    """How `raybig serve` exposes the trained model; read from the run's stored spec, flags override."""
+    version: str = Field(default="v1", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+    replicas: int = Field(default=1, ge=1, description="Fixed replica count (ignored when autoscaling is set).")
+    autoscaling: AutoscalingSpec | None = None
+    max_batch_size: int = Field(default=32, ge=1, description="Requests merged into one forward pass at most.")
+    batch_wait_ms: float = Field(default=5.0, ge=0, description="How long a replica waits to fill a batch.")
+    cpus_per_replica: float = Field(default=1.0, gt=0)
+    gpus_per_replica: float = Field(default=0.0, ge=0)
+    max_payload_bytes: int = Field(default=1_000_000, ge=1024, description="Larger request bodies get 413.")
+    max_samples_per_request: int = Field(default=1024, ge=1)
+    auth_token_env: str | None = Field(
+        default=None, description="Name of an environment variable holding a bearer token; requests without it get 401.")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+
+
 class JobSpec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Run name; also its directory in the model store.")
     model: ModelSpec
@@ -230,6 +259,7 @@ class JobSpec(Strict):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     failure: FailureSpec = Field(default_factory=FailureSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    serve: ServeSpec = Field(default_factory=ServeSpec)
 
     @model_validator(mode="after")
     def _cross_field(self):

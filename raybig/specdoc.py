@@ -21,6 +21,7 @@ SECTIONS = [
     ("parallelism", S.ParallelismSpec, "parallelism"), ("parallelism.pipeline", S.PipelineSpec, "parallelism.pipeline"),
     ("resources", S.ResourcesSpec, "resources"), ("checkpoint", S.CheckpointSpec, "checkpoint"),
     ("failure", S.FailureSpec, "failure"), ("output", S.OutputSpec, "output"),
+    ("serve", S.ServeSpec, "serve"), ("serve.autoscaling", S.AutoscalingSpec, "serve.autoscaling"),
 ]
 
 

@@ -12,6 +12,7 @@ from raybig.train.optim import build_scheduler, penalized_weights
 
 
 def train_locally(tmp_path, **train):
+    """The one training loop in this process (world size 1, no Ray): a small digits MLP, stored in tmp_path/run."""
     raw = {"name": "x", "model": {"kind": "mlp", "hidden": [64]}, "data": {"source": "digits"},
            "train": {"epochs": 3, "batch_size": 64, "seed": 0, **train}}
     spec = parse_spec(raw)
@@ -20,6 +21,7 @@ def train_locally(tmp_path, **train):
                     MemorySource(bundle.val.x, bundle.val.y, 64, 0, 1, 0))
     store = RunStore(tmp_path / "run")
     history = fit(spec, bundle.meta, env, store)
+    store.write_spec(spec.to_yaml())
     return history, store
 
 

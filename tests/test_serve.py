@@ -1,0 +1,190 @@
+"""A real Serve application on loopback, real HTTP: predictions, versions, batching, bad input, auth."""
+import json
+import math
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from raybig.data.datasets import load
+from raybig.spec import parse_spec
+from raybig.train.checkpoint import load_trained_model
+from test_optim import train_locally
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+PORT = 8431
+TOKEN = "s3cret-test-token"
+
+
+def with_serve_section(store, **serve):
+    """Give a trained run a serve section, as a user would in the job spec."""
+    path = store.root / "spec.yaml"
+    raw = yaml.safe_load(path.read_text()) if path.exists() else None
+    raw = raw or {"name": "x", "model": {"kind": "mlp", "hidden": [64]}, "data": {"source": "digits"}}
+    raw["serve"] = {"cpus_per_replica": 0.5, "max_batch_size": 16, "batch_wait_ms": 20,
+                    "auth_token_env": "RAYBIG_TEST_TOKEN", **serve}
+    path.write_text(yaml.safe_dump(raw))
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, tmp_path_factory, monkeypatch_module):
+    from ray import serve
+
+    from raybig.serve.app import entry_from_arg, start
+
+    monkeypatch_module.setenv("RAYBIG_TEST_TOKEN", TOKEN)  # read by the gateway replica, started below
+    out = tmp_path_factory.mktemp("serve")
+    _, v1 = train_locally(out / "v1", epochs=2, optimizer={"name": "adam", "lr": 2e-3})
+    _, v2 = train_locally(out / "v2", epochs=1, seed=1, optimizer={"name": "sgd", "lr": 0.1})
+    lm_spec = parse_spec({"name": "tiny-lm", "model": {"kind": "transformer", "task": "lm", "dim": 32, "heads": 2,
+                                                          "layers": 1},
+                          "data": {"source": "text", "seq_len": 16, "max_chars": 4000}, "train": {"epochs": 1}})
+    from raybig.data.loader import MemorySource
+    from raybig.train.checkpoint import RunStore
+    from raybig.train.loop import WorkerEnv, fit
+
+    bundle = load(lm_spec.data)
+    lm_store = RunStore(out / "lm")
+    fit(lm_spec, bundle.meta, WorkerEnv(0, 1, torch.device("cpu"), MemorySource(bundle.train.x, bundle.train.y, 64, 0, 1, 0),
+                                        MemorySource(bundle.val.x, bundle.val.y, 64, 0, 1, 0)), lm_store)
+    lm_store.write_spec(lm_spec.to_yaml())
+    for store in (v1, v2, lm_store):
+        with_serve_section(store)
+    entries = [entry_from_arg(f"digits:v2={v2.root}"), entry_from_arg(f"digits:v1={v1.root}"),
+               entry_from_arg(str(lm_store.root))]
+    url = start(entries, "127.0.0.1", PORT)
+    yield {"url": url, "v1": v1.root, "v2": v2.root}
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def call(url, body=None, raw=None, headers=None, token=TOKEN, method=None):
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    h = {"content-type": "application/json", **(headers or {})}
+    if token:
+        h["authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=data, headers=h, method=method or ("POST" if data else "GET"))
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def val_samples(n=20):
+    spec = parse_spec({"name": "x", "model": {"kind": "mlp"}, "data": {"source": "digits"}})
+    bundle = load(spec.data)
+    return bundle.val.x[:n], bundle.val.y[:n]
+
+
+def test_predictions_equal_the_local_forward_pass(server):
+    x, _ = val_samples()
+    status, reply = call(f"{server['url']}/v1/models/digits/predict?version=v1", {"inputs": x.tolist()})
+    assert status == 200 and reply["version"] == "v1"
+    model, _ = load_trained_model(server["v1"])
+    with torch.no_grad():
+        expected = torch.softmax(model(torch.as_tensor(x)), -1).numpy()
+    got = np.array([p["probabilities"] for p in reply["predictions"]])
+    np.testing.assert_allclose(got, expected, atol=2e-6)
+    assert [p["label"] for p in reply["predictions"]] == expected.argmax(1).tolist()
+
+
+def test_versions_default_query_and_header(server):
+    x, _ = val_samples(5)
+    url = f"{server['url']}/v1/models/digits/predict"
+    default = call(url, {"inputs": x.tolist()})[1]
+    by_query = call(url + "?version=v2", {"inputs": x.tolist()})[1]
+    by_header = call(url, {"inputs": x.tolist()}, headers={"x-model-version": "v2"})[1]
+    v1 = call(url + "?version=v1", {"inputs": x.tolist()})[1]
+    assert default["version"] == "v1"  # the last version given is the default
+    assert by_query["version"] == by_header["version"] == "v2"
+    assert by_query["predictions"] == by_header["predictions"] != v1["predictions"]
+    status, cards = call(f"{server['url']}/v1/models")
+    assert status == 200
+    assert {(c["name"], c["version"], c["default"]) for c in cards} >= {("digits", "v1", True), ("digits", "v2", False)}
+
+
+BAD = [
+    ("malformed json", dict(raw=b'{"inputs": [[0.1, 0.2'), 422, "JSON"),
+    ("wrong shape", dict(body={"inputs": [[0.0] * 63]}), 422, "shape"),
+    ("wrong dtype", dict(body={"inputs": [["a"] * 64]}), 422, "numbers"),
+    ("nan", dict(raw=b'{"inputs": [[NaN' + b', 0.0' * 63 + b']]}'), 422, "NaN"),
+    ("infinity", dict(raw=b'{"inputs": [[Infinity' + b', 0.0' * 63 + b']]}'), 422, "infinity"),
+    ("empty batch", dict(body={"inputs": []}), 422, "empty"),
+    ("unknown field", dict(body={"inputs": [[0.0] * 64], "extra": 1}), 422, None),
+    ("oversized", dict(body={"inputs": [[0.5] * 64] * 5000}), 413, "over the limit"),
+    ("unknown model", dict(body={"inputs": [[0.0] * 64]}, path="nope"), 404, "no model named"),
+    ("unknown version", dict(body={"inputs": [[0.0] * 64]}, query="?version=v9"), 404, "no version"),
+    ("no token", dict(body={"inputs": [[0.0] * 64]}, token=None), 401, "token"),
+    ("wrong token", dict(body={"inputs": [[0.0] * 64]}, token="guess"), 401, "token"),
+]
+
+
+@pytest.mark.parametrize("case, kwargs, status, words", BAD, ids=[b[0] for b in BAD])
+def test_bad_requests_get_a_4xx_and_the_server_stays_healthy(server, case, kwargs, status, words):
+    kwargs = dict(kwargs)
+    path, query = kwargs.pop("path", "digits"), kwargs.pop("query", "")
+    got, reply = call(f"{server['url']}/v1/models/{path}/predict{query}", **kwargs)
+    assert got == status, reply
+    assert reply.get("detail")
+    if words:
+        assert words in json.dumps(reply["detail"])
+    ok, good = call(f"{server['url']}/v1/models/digits/predict", {"inputs": [[0.0] * 64]})
+    assert ok == 200 and len(good["predictions"]) == 1
+
+
+def test_concurrent_requests_are_batched(server):
+    x, _ = val_samples(48)
+    url = f"{server['url']}/v1/models/digits/predict?version=v2"
+    before = {c["version"]: c["batching"] for c in call(f"{server['url']}/v1/models")[1] if c["name"] == "digits"}
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        replies = list(pool.map(lambda row: call(url, {"inputs": [row.tolist()]}), x))
+    assert all(status == 200 for status, _ in replies)
+    after = {c["version"]: c["batching"] for c in call(f"{server['url']}/v1/models")[1] if c["name"] == "digits"}
+    assert after["v2"]["requests"] - before["v2"]["requests"] == 48
+    assert after["v2"]["largest_batch"] > 1  # several requests shared one forward pass
+
+
+def test_language_model_generates(server):
+    url = f"{server['url']}/v1/models/tiny-lm/generate"
+    status, reply = call(url, {"prompt": "def ", "max_new_tokens": 12, "temperature": 0.8, "seed": 1})
+    assert status == 200 and len(reply["text"]) == 12
+    assert call(url, {"prompt": "def ", "max_new_tokens": 12, "temperature": 0.8, "seed": 1})[1]["text"] == reply["text"]
+    status, reply = call(url, {"prompt": "\u2603 snowman"})
+    assert status == 422 and "never saw" in reply["detail"]
+    assert call(f"{server['url']}/v1/models/digits/generate", {"prompt": "x"})[0] == 422
+
+
+def test_health_and_openapi(server):
+    assert call(f"{server['url']}/healthz", token=None)[0] == 200
+    status, doc = call(f"{server['url']}/openapi.json", token=None)
+    assert status == 200 and "/v1/models/{name}/predict" in doc["paths"]
+
+
+def test_query_command_prints_predictions(server, tmp_path):
+    x, y = val_samples(4)
+    np.save(tmp_path / "x.npy", x)
+    (tmp_path / "x.json").write_text(json.dumps({"inputs": x.tolist()}))
+    np.savetxt(tmp_path / "x.csv", x.reshape(4, 64), delimiter=",")
+    for name in ("x.npy", "x.json", "x.csv"):
+        proc = subprocess.run([sys.executable, "-m", "raybig", "query", "digits", "--input", str(tmp_path / name),
+                               "--url", server["url"], "--version", "v1"], capture_output=True, text=True,
+                              timeout=60, env={**__import__("os").environ, "RAYBIG_TOKEN": TOKEN})
+        assert proc.returncode == 0, proc.stderr
+        assert "digits v1" in proc.stdout and proc.stdout.count("│") >= 4 * 3
+    proc = subprocess.run([sys.executable, "-m", "raybig", "query", "digits", "--input", str(tmp_path / "x.npy"),
+                           "--url", server["url"]], capture_output=True, text=True, timeout=60,
+                          env={k: v for k, v in __import__("os").environ.items() if k != "RAYBIG_TOKEN"})
+    assert proc.returncode == 2 and "401" in proc.stderr and "Traceback" not in proc.stderr
