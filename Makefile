@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 .PHONY: demo test install clean
 
 demo: $(VENV)/.installed
-	$(BIN)/raybig run jobs/digits_cnn.yaml
+	$(BIN)/raybig demo jobs/digits_cnn.yaml
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q

@@ -181,5 +181,53 @@ def query(
     out.print(table)
 
 
+@app.command()
+def demo(
+    spec_path: str = typer.Argument("jobs/digits_cnn.yaml", metavar="SPEC"),
+    samples: int = typer.Option(8, help="Validation samples to send to the served model."),
+    num_cpus: Optional[float] = typer.Option(None, help="Logical CPUs of the embedded Ray."),
+):
+    """The whole story on one embedded Ray: train (or resume), serve, query with real samples, shut down."""
+    from ray import serve as ray_serve
+    from rich.table import Table
+
+    from raybig.cluster import ray_session
+    from raybig.data.datasets import load
+    from raybig.serve.app import entry_from_arg, start
+    from raybig.serve.client import post
+    from raybig.train.runner import RunFailed, run as run_job
+
+    spec = _load(spec_path, [])
+    if spec.serve.auth_token_env:
+        _fail(SpecError("the demo sends queries without a token; unset it for the demo", "serve.auth_token_env"))
+    with ray_session(None, num_cpus):
+        try:
+            outcome = run_job(spec, num_cpus=num_cpus, console=err)
+        except (SpecError, RunFailed) as error:
+            _fail(error if isinstance(error, SpecError) else SpecError(str(error)))
+        root = outcome.store.root
+        out.print(f"[green]trained[/]: {root / 'model.safetensors'} (val accuracy "
+                  f"{outcome.final.get('val_accuracy', float('nan')):.2%}, epoch {outcome.final.get('epoch')})",
+                  highlight=False)
+        entry = entry_from_arg(str(root))
+        url = start([entry], spec.serve.host, spec.serve.port)
+        out.print(f"[green]serving[/]: POST {url}/v1/models/{entry.name}/predict", highlight=False)
+        try:
+            bundle = load(spec.data)
+            x, y = bundle.val.x[:samples], bundle.val.y[:samples]
+            reply = post(f"{url}/v1/models/{entry.name}/predict", {"inputs": x.tolist()})
+            table = Table(title=f"{samples} validation samples through HTTP")
+            for column in ("sample", "true label", "predicted", "probability", ""):
+                table.add_column(column, justify="right")
+            for i, (p, label) in enumerate(zip(reply["predictions"], y)):
+                table.add_row(str(i), str(int(label)), str(p["label"]), f"{p['probabilities'][p['label']]:.3f}",
+                              "[green]ok[/]" if p["label"] == int(label) else "[red]wrong[/]")
+            out.print(table)
+        finally:
+            ray_serve.shutdown()
+    out.print("[green]done[/]: the server is shut down; `raybig serve " + str(root) + "` serves it again",
+              highlight=False)
+
+
 def main() -> None:  # pragma: no cover - console script entry
     app()

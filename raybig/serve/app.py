@@ -7,6 +7,7 @@ Multiplexing pays off for many rarely-used models sharing replicas; a handful of
 """
 
 import hmac
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,6 +181,7 @@ def build_app(entries: list[ModelEntry]):
 
 def start(entries: list[ModelEntry], host: str, port: int, blocking: bool = False):
     """Run the application on Serve's HTTP proxy at host:port; returns the base URL."""
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # per-request logs stay in Ray's log files
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(entries), name="raybig", route_prefix="/", blocking=blocking)
     return f"http://{host}:{port}"
