@@ -115,6 +115,11 @@ def serve_runs(
     port: Optional[int] = typer.Option(None, help="Default: the run's serve.port (8000)."),
     address: Optional[str] = typer.Option(None, help="Serve on a running Ray cluster."),
     num_cpus: Optional[float] = typer.Option(None, help="Logical CPUs of the embedded Ray."),
+    export: Optional[str] = typer.Option(None, metavar="DIR", help="Write serve_config.yaml (for `serve deploy`) "
+                                         "and rayservice.yaml (KubeRay) to DIR instead of serving."),
+    cluster_path: Optional[str] = typer.Option(None, help="With --export: where the run directories live on the "
+                                               "cluster, e.g. /models."),
+    store_claim: Optional[str] = typer.Option(None, help="With --export: a PersistentVolumeClaim mounted at /models."),
 ):
     """Serve trained runs over HTTP until Ctrl-C: POST /v1/models/NAME/predict, GET /v1/models, /docs."""
     import time
@@ -129,6 +134,13 @@ def serve_runs(
     except SpecError as error:
         _fail(error)
     first = entries[0].serve
+    if export:
+        from raybig.serve.export import export as write_export
+
+        for path in write_export(entries, export, port or first.port, store_claim=store_claim,
+                                 path_prefix=cluster_path or ("/models" if store_claim else None)):
+            out.print(f"wrote {path}", highlight=False)
+        return
     with ray_session(address, num_cpus):
         url = start(entries, host or first.host, port or first.port)
         for e in entries:

@@ -188,3 +188,41 @@ def test_query_command_prints_predictions(server, tmp_path):
                            "--url", server["url"]], capture_output=True, text=True, timeout=60,
                           env={k: v for k, v in __import__("os").environ.items() if k != "RAYBIG_TOKEN"})
     assert proc.returncode == 2 and "401" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _unknown_fields(value, schema, path="") -> list[str]:
+    """Fields the CRD schema does not know (the API server's strict validation would refuse them)."""
+    bad = []
+    if isinstance(value, dict) and "properties" in schema:
+        for key, item in value.items():
+            if key not in schema["properties"]:
+                bad.append(f"{path}.{key}")
+            else:
+                bad += _unknown_fields(item, schema["properties"][key], f"{path}.{key}")
+    elif isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            bad += _unknown_fields(item, schema["items"], f"{path}[{i}]")
+    return bad
+
+
+def test_export_writes_a_serve_config_and_a_valid_rayservice(server, tmp_path):
+    import jsonschema
+
+    schema_path = __import__("pathlib").Path(__file__).resolve().parent / "data" / "kuberay" / "rayservice.v1.schema.json"
+    proc = subprocess.run([sys.executable, "-m", "raybig", "serve", f"digits:v1={server['v1']}", "--export",
+                           str(tmp_path), "--store-claim", "raybig-models"], capture_output=True, text=True,
+                          timeout=60, env={**__import__("os").environ, "RAYBIG_TEST_TOKEN": TOKEN})
+    assert proc.returncode == 0, proc.stderr
+    config = yaml.safe_load((tmp_path / "serve_config.yaml").read_text())
+    [application] = config["applications"]
+    assert application["import_path"] == "raybig.serve.deploy:app"
+    assert application["args"]["runs"] == [f"digits:v1=/models/{server['v1'].name}"]
+    manifest = yaml.safe_load((tmp_path / "rayservice.yaml").read_text())
+    assert yaml.safe_load(manifest["spec"]["serveConfigV2"]) == config
+    schema = json.loads(schema_path.read_text())
+    jsonschema.validate(manifest, schema)
+    assert _unknown_fields(manifest, schema) == []
+    # the builder named in the config builds the same application here
+    from raybig.serve.deploy import app as build
+
+    assert build({"runs": [f"digits:v1={server['v1']}"]}) is not None
