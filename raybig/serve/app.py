@@ -63,7 +63,7 @@ def _body(schema) -> dict:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema.model_json_schema()}}}}
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=512)
 @serve.ingress(api)
 class Gateway:
     def __init__(self, handles: dict, entries: list[dict], defaults: dict[str, str], settings: dict):

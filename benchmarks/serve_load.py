@@ -1,0 +1,124 @@
+"""raybig serve vs a bare FastAPI + uvicorn process, the same model, loopback load, in one run.
+
+Trains nothing heavy: an MLP 64-1024-1024-10 gets one epoch on digits, then both servers load that run.
+For each concurrency (1, 8, 32) N clients POST one sample each for T seconds; prints requests/s, p50,
+p99 and raybig's ratios to the bare server.
+
+    python benchmarks/serve_load.py [--seconds 10] [--concurrency 1 8 32]
+"""
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+
+HERE = Path(__file__).resolve().parent
+
+
+def train(root: Path) -> Path:
+    import torch
+
+    from raybig.data.datasets import load
+    from raybig.data.loader import MemorySource
+    from raybig.spec import parse_spec
+    from raybig.train.checkpoint import RunStore
+    from raybig.train.loop import WorkerEnv, fit
+
+    spec = parse_spec({"name": "bench-mlp", "model": {"kind": "mlp", "hidden": [1024, 1024]},
+                       "data": {"source": "digits"}, "train": {"epochs": 1},
+                       "serve": {"max_batch_size": 32, "batch_wait_ms": 2, "cpus_per_replica": 1}})
+    bundle = load(spec.data)
+    store = RunStore(root / spec.name)
+    env = WorkerEnv(0, 1, torch.device("cpu"), MemorySource(bundle.train.x, bundle.train.y, 64, 0, 1, 0),
+                    MemorySource(bundle.val.x, bundle.val.y, 64, 0, 1, 0))
+    fit(spec, bundle.meta, env, store)
+    store.write_spec(spec.to_yaml())
+    return store.root
+
+
+def wait_healthy(url: str, proc, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+async def load(url: str, concurrency: int, seconds: float) -> dict:
+    body = json.dumps({"inputs": [[0.5] * 64]})
+    latencies, errors = [], 0
+    stop = time.perf_counter() + seconds
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        async def client():
+            nonlocal errors
+            while time.perf_counter() < stop:
+                started = time.perf_counter()
+                try:
+                    async with session.post(url, data=body, headers={"content-type": "application/json"},
+                                            timeout=aiohttp.ClientTimeout(total=30)) as r:
+                        await r.read()
+                        if r.status != 200:
+                            errors += 1
+                            continue
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    errors += 1
+                    continue
+                latencies.append(time.perf_counter() - started)
+        t0 = time.perf_counter()
+        await asyncio.gather(*[client() for _ in range(concurrency)])
+        elapsed = time.perf_counter() - t0
+    latencies.sort()
+    q = lambda f: 1000 * latencies[min(len(latencies) - 1, int(f * len(latencies)))] if latencies else float("nan")
+    return {"rps": len(latencies) / elapsed, "p50": q(0.5), "p99": q(0.99), "errors": errors}
+
+
+def measure(name: str, cmd: list[str], base: str, args) -> dict:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_healthy(base, proc)
+        asyncio.run(load(f"{base}/v1/models/bench-mlp/predict", 4, 2))  # warm-up
+        return {c: asyncio.run(load(f"{base}/v1/models/bench-mlp/predict", c, args.seconds)) for c in args.concurrency}
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # only the process group this script started
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--port", type=int, default=8433)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = train(Path(tmp))
+        bare = measure("bare", [sys.executable, str(HERE / "plain" / "serve_bare.py"), str(run_dir), "--port",
+                                str(args.port + 1)], f"http://127.0.0.1:{args.port + 1}", args)
+        ours = measure("raybig", [sys.executable, "-m", "raybig", "serve", str(run_dir), "--port", str(args.port),
+                                  "--num-cpus", "2"], f"http://127.0.0.1:{args.port}", args)
+    print("MLP 64-1024-1024-10, one sample per request, loopback")
+    print(f"{'c':>3} {'bare rps':>9} {'p50 ms':>7} {'p99 ms':>7} {'raybig rps':>11} {'p50 ms':>7} {'p99 ms':>7} "
+          f"{'rps ratio':>10} {'p99/p50':>8} {'errors':>7}")
+    for c in args.concurrency:
+        b, r = bare[c], ours[c]
+        print(f"{c:>3} {b['rps']:>9.0f} {b['p50']:>7.1f} {b['p99']:>7.1f} {r['rps']:>11.0f} {r['p50']:>7.1f} "
+              f"{r['p99']:>7.1f} {r['rps'] / b['rps']:>10.2f} {r['p99'] / r['p50']:>8.2f} {b['errors'] + r['errors']:>7}")
+
+
+if __name__ == "__main__":
+    main()
