@@ -241,5 +241,173 @@ def demo(
               highlight=False)
 
 
+cluster_app = typer.Typer(help="Start and stop a local Ray head described by a cluster file.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Jobs on a Ray cluster: list, status, logs, stop.", no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster")
+app.add_typer(jobs_app, name="jobs")
+ClusterOption = typer.Option(None, "--cluster", metavar="FILE", help="A cluster file (clusters/*.yaml).")
+AddressOption = typer.Option(None, "--address", help="Job submission address, e.g. http://HEAD:8265.")
+
+
+def _cluster(path: str):
+    from raybig.clusterspec import load_cluster
+
+    try:
+        return load_cluster(path)
+    except SpecError as error:
+        _fail(error)
+
+
+def _target(cluster_file: Optional[str], address: Optional[str]):
+    """(address, token, cluster spec or None) from --cluster or --address."""
+    from raybig.submit import resolve_token
+
+    if not cluster_file and not address:
+        _fail(SpecError("give --cluster FILE or --address http://HEAD:8265"))
+    cluster = _cluster(cluster_file) if cluster_file else None
+    try:
+        return (address or cluster.submit_address), resolve_token(cluster), cluster
+    except SpecError as error:
+        _fail(error)
+
+
+@cluster_app.command("up")
+def cluster_up(cluster_file: str = typer.Argument(..., metavar="FILE")):
+    """Start the file's head on this machine (loopback) and wait until it takes jobs."""
+    from raybig.submit import cluster_up as up
+
+    try:
+        info = up(_cluster(cluster_file))
+    except SpecError as error:
+        _fail(error)
+    out.print(f"[green]up[/]: jobs at {info['address']}, Ray at {info['gcs']} (process group {info['pgid']}; "
+              f"log {info['log']})", highlight=False)
+
+
+@cluster_app.command("down")
+def cluster_down(cluster_file: str = typer.Argument(..., metavar="FILE")):
+    """Stop the head `raybig cluster up` started for this file (its process group only)."""
+    from raybig.submit import cluster_down as down
+
+    out.print("[green]down[/]" if down(_cluster(cluster_file)) else "no head of this file is running")
+
+
+@app.command()
+def submit(
+    spec_path: str = typer.Argument(..., metavar="SPEC"),
+    set_: Optional[list[str]] = SetOption,
+    cluster_file: Optional[str] = ClusterOption,
+    address: Optional[str] = AddressOption,
+    store: Optional[str] = typer.Option(None, help="The model store on the cluster (default: the cluster file's)."),
+    command: str = typer.Option("run", help="The raybig command the job runs (run; others as they exist)."),
+    follow: bool = typer.Option(False, help="Stream the job's logs until it ends."),
+):
+    """Run a job spec on a Ray cluster through Ray Job Submission."""
+    from raybig.submit import submit as submit_job
+
+    spec = _load(spec_path, set_)  # a bad spec fails here, before the cluster is contacted
+    url, token, cluster = _target(cluster_file, address)
+    where = store or (cluster.store if cluster else None)
+    if not where:
+        _fail(SpecError("give --store PATH (as the cluster sees it) or use a cluster file with a store", "--store"))
+    try:
+        job_id = submit_job(spec_path, spec.name, url, token, where, set_ or [], command,
+                            cluster.pip if cluster else None)
+    except SpecError as error:
+        _fail(error)
+    out.print(f"[green]submitted[/]: {job_id} to {url}; model store {where}/{spec.name}", highlight=False)
+    out.print(f"follow: raybig jobs logs {job_id} --follow {'--cluster ' + cluster_file if cluster_file else '--address ' + url}",
+              highlight=False)
+    if follow:
+        jobs_logs(job_id, cluster_file, address, True)
+
+
+def _jobs_client(cluster_file, address):
+    from raybig.submit import client
+
+    url, token, _ = _target(cluster_file, address)
+    try:
+        return client(url, token), url
+    except SpecError as error:
+        _fail(error)
+
+
+@jobs_app.command("list")
+def jobs_list(cluster_file: Optional[str] = ClusterOption, address: Optional[str] = AddressOption):
+    from rich.table import Table
+
+    from raybig.submit import call
+
+    c, url = _jobs_client(cluster_file, address)
+    table = Table(title=f"jobs at {url}")
+    for column in ("submission id", "status", "entrypoint"):
+        table.add_column(column)
+    try:
+        jobs = call(c.list_jobs, where=url)
+    except SpecError as error:
+        _fail(error)
+    for job in sorted(jobs, key=lambda j: j.start_time or 0):
+        table.add_row(job.submission_id or job.job_id or "", str(job.status.value), job.entrypoint[:80])
+    out.print(table)
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: str, cluster_file: Optional[str] = ClusterOption, address: Optional[str] = AddressOption):
+    from raybig.submit import call
+
+    c, url = _jobs_client(cluster_file, address)
+    try:
+        info = call(c.get_job_info, job_id, where=url)
+    except SpecError as error:
+        _fail(error)
+    out.print(f"{job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""), highlight=False)
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: str, cluster_file: Optional[str] = ClusterOption, address: Optional[str] = AddressOption,
+              follow: bool = typer.Option(False, "--follow", "-f")):
+    import asyncio
+
+    from raybig.submit import call
+
+    c, url = _jobs_client(cluster_file, address)
+    try:
+        if not follow:
+            sys.stdout.write(call(c.get_job_logs, job_id, where=url))
+            return
+
+        async def tail():
+            async for lines in c.tail_job_logs(job_id):
+                sys.stdout.write(lines)
+                sys.stdout.flush()
+
+        asyncio.run(tail())
+        status = call(c.get_job_status, job_id, where=url).value
+    except SpecError as error:
+        _fail(error)
+    out.print(f"{job_id}: {status}", highlight=False)
+    if status != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: str, cluster_file: Optional[str] = ClusterOption, address: Optional[str] = AddressOption):
+    import time
+
+    from raybig.submit import call
+
+    c, url = _jobs_client(cluster_file, address)
+    try:
+        call(c.stop_job, job_id, where=url)
+        for _ in range(120):
+            status = call(c.get_job_status, job_id, where=url).value
+            if status in ("STOPPED", "SUCCEEDED", "FAILED"):
+                break
+            time.sleep(0.5)
+    except SpecError as error:
+        _fail(error)
+    out.print(f"{job_id}: {status}", highlight=False)
+
+
 def main() -> None:  # pragma: no cover - console script entry
     app()
