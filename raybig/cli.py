@@ -409,5 +409,44 @@ def jobs_stop(job_id: str, cluster_file: Optional[str] = ClusterOption, address:
     out.print(f"{job_id}: {status}", highlight=False)
 
 
+export_app = typer.Typer(help="Manifests for other ways of running a spec.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("kuberay")
+def export_kuberay(
+    spec_path: str = typer.Argument(..., metavar="SPEC"),
+    out_dir: str = typer.Option("clusters/kuberay", "--out"),
+    image: Optional[str] = typer.Option(None, help="A Ray image with raybig installed (default: Ray's own)."),
+    store_claim: Optional[str] = typer.Option(None, help="A PersistentVolumeClaim for the model store, at /models."),
+):
+    """Write a RayCluster sized for the spec's layout, a RayJob that runs it, and a RayService serving its model."""
+    from raybig.kuberay import export
+
+    spec = _load(spec_path, [])
+    for path in export(spec, spec_path, out_dir, image, store_claim):
+        out.print(f"wrote {path}", highlight=False)
+
+
+@app.command()
+def pull(
+    run_name: str = typer.Argument(..., metavar="NAME", help="The run's name (its directory in the store)."),
+    cluster_file: Optional[str] = ClusterOption,
+    store: Optional[str] = typer.Option(None, help="The store: a path, or an s3:// or gs:// URI."),
+    to: str = typer.Option("runs", help="Where the run lands locally."),
+):
+    """Copy a finished run from a cluster's model store into the local one."""
+    from raybig.store_io import pull_run
+
+    where = store or (_cluster(cluster_file).store if cluster_file else None)
+    if not where:
+        _fail(SpecError("give --cluster FILE or --store PATH_OR_URI", "--store"))
+    try:
+        dest = pull_run(where, run_name, to)
+    except SpecError as error:
+        _fail(error)
+    out.print(f"[green]pulled[/]: {dest}", highlight=False)
+
+
 def main() -> None:  # pragma: no cover - console script entry
     app()

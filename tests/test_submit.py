@@ -129,3 +129,55 @@ def test_entrypoint_quotes_every_piece():
 
     line = entrypoint("run", "jobs/x.yaml", ["name=a; rm -rf /", "train.epochs=3"])
     assert "'name=a; rm -rf /'" in line and line.startswith("python -m raybig run jobs/x.yaml --address auto")
+
+
+def _unknown_fields(value, schema, path="") -> list[str]:
+    bad = []
+    if isinstance(value, dict) and "properties" in schema:
+        for key, item in value.items():
+            bad += [f"{path}.{key}"] if key not in schema["properties"] else \
+                _unknown_fields(item, schema["properties"][key], f"{path}.{key}")
+    elif isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            bad += _unknown_fields(item, schema["items"], f"{path}[{i}]")
+    return bad
+
+
+def test_shipped_kuberay_manifests_match_the_generator_and_the_crd_schemas(tmp_path):
+    import jsonschema
+
+    proc = raybig("export", "kuberay", "jobs/digits_cnn.yaml", "--store-claim", "raybig-models", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    for kind in ("raycluster", "rayjob", "rayservice"):
+        generated = (tmp_path / f"digits-cnn.{kind}.yaml").read_text()
+        assert (ROOT / "clusters" / "kuberay" / f"digits-cnn.{kind}.yaml").read_text() == generated, \
+            "regenerate: raybig export kuberay jobs/digits_cnn.yaml --store-claim raybig-models"
+        manifest = yaml.safe_load(generated)
+        schema = json.loads((ROOT / "tests" / "data" / "kuberay" / f"{kind}.v1.schema.json").read_text())
+        jsonschema.validate(manifest, schema)
+        assert _unknown_fields(manifest, schema) == []
+    job = yaml.safe_load((tmp_path / "digits-cnn.rayjob.yaml").read_text())
+    assert job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 2  # data degree 2
+    assert job["spec"]["entrypoint"].startswith("python -m raybig run jobs/digits_cnn.yaml")
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_ray_up_configs_pass_rays_validator(name):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((ROOT / "clusters" / name).read_text())
+    validate_config(prepare_config(config))
+    assert any(t.get("resources", {}).get("GPU") for t in config["available_node_types"].values())
+
+
+def test_pull_copies_a_run_from_a_store(tmp_path):
+    run = tmp_path / "store" / "some-run"
+    (run / "checkpoints" / "epoch-0001").mkdir(parents=True)
+    (run / "model.safetensors").write_bytes(b"weights")
+    (run / "checkpoints" / "epoch-0001" / "meta.json").write_text("{}")
+    proc = raybig("pull", "some-run", "--store", str(tmp_path / "store"), "--to", str(tmp_path / "local"))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "local" / "some-run" / "model.safetensors").read_bytes() == b"weights"
+    assert (tmp_path / "local" / "some-run" / "checkpoints" / "epoch-0001" / "meta.json").exists()
+    missing = raybig("pull", "nope", "--store", str(tmp_path / "store"))
+    assert missing.returncode == 2 and "no run named" in missing.stderr

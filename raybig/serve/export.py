@@ -38,6 +38,7 @@ def rayservice(name: str, config: dict, image: str, store_claim: str | None) -> 
             "serveConfigV2": yaml.safe_dump(config, sort_keys=False),
             "rayClusterConfig": {
                 "rayVersion": ray.__version__,
+                "authOptions": {"mode": "token"},
                 "headGroupSpec": {"rayStartParams": {"dashboard-host": "0.0.0.0"}, "template": {"spec": pod}},
             },
         },
