@@ -299,7 +299,6 @@ def submit(
     cluster_file: Optional[str] = ClusterOption,
     address: Optional[str] = AddressOption,
     store: Optional[str] = typer.Option(None, help="The model store on the cluster (default: the cluster file's)."),
-    command: str = typer.Option("run", help="The raybig command the job runs (run; others as they exist)."),
     follow: bool = typer.Option(False, help="Stream the job's logs until it ends."),
 ):
     """Run a job spec on a Ray cluster through Ray Job Submission."""
@@ -311,7 +310,7 @@ def submit(
     if not where:
         _fail(SpecError("give --store PATH (as the cluster sees it) or use a cluster file with a store", "--store"))
     try:
-        job_id = submit_job(spec_path, spec.name, url, token, where, set_ or [], command,
+        job_id = submit_job(spec_path, spec.name, url, token, where, set_ or [], "run",
                             cluster.pip if cluster else None)
     except SpecError as error:
         _fail(error)
