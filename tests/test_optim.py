@@ -106,3 +106,8 @@ def test_penalty_skips_biases_and_positions():
     penalized = {id(p) for p in penalized_weights(net)}
     for name, p in net.named_parameters():
         assert (id(p) in penalized) == (p.dim() > 1 and not name.endswith("pos")), name
+
+
+def test_a_diverging_run_stops_with_a_clear_reason(tmp_path):
+    with pytest.raises(FloatingPointError, match="diverged"):
+        train_locally(tmp_path, optimizer={"name": "sgd", "lr": 1.0e20})  # the loss overflows to NaN

@@ -3,6 +3,7 @@ applied from outside (`parallelize`) and the batch source it is handed, never th
 """
 from __future__ import annotations
 
+import math
 import resource
 import time
 from dataclasses import dataclass
@@ -136,6 +137,9 @@ def fit(spec, meta, env: WorkerEnv, store: RunStore) -> list[dict]:
             "attempt": attempt,
             "step_losses": step_losses.tolist(),
         }
+        if not math.isfinite(record["train_loss"]):
+            raise FloatingPointError(f"the training loss is {record['train_loss']} at epoch {epoch}: the run "
+                                     "diverged (a lower train.optimizer.lr may help)")
         record["peak_rss_mb"] = _peak_rss_per_rank(env)
         record["epoch_seconds"] = time.perf_counter() - started
         history.append(record)

@@ -98,8 +98,7 @@ def run(spec: JobSpec, *, address: str | None = None, num_cpus: float | None = N
         return RunOutcome(store, store.history(), resumed_from=done, already_complete=True)
     store.write_spec(spec.to_yaml())
     bundle = load(spec.data)
-    # the stages of one pipeline replica must see the same batches, which only the memory loader gives
-    loader = "memory" if spec.parallelism.pipeline.stages > 1 else choose_loader(spec.data.loader, bundle.nbytes)
+    loader = pick_loader(spec, bundle)
     started = time.perf_counter()
     with ray_session(address, num_cpus, verbose):
         if address:
@@ -111,18 +110,16 @@ def run(spec: JobSpec, *, address: str | None = None, num_cpus: float | None = N
     return RunOutcome(store, history, resumed_from=done, seconds=time.perf_counter() - started)
 
 
-def _fit(spec: JobSpec, bundle, loader: str, store: RunStore, view, verbose: bool) -> None:
-    import ray
+def build_trainer(spec: JobSpec, bundle, loader: str, store: RunStore, board=None, callbacks=()):
+    """The TorchTrainer for one run: `raybig run` adds a progress board, a sweep trial a Tune callback."""
     import ray.train
     from ray.train import DataConfig
     from ray.train.torch import TorchTrainer
 
-    from raybig.train.progress import ProgressBoard
     from raybig.train.worker import train_loop_per_worker
 
     res = spec.resources
-    board = ProgressBoard.remote()
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "spec": spec.model_dump(mode="json"), "meta": bundle.meta.to_dict(), "loader": loader,
@@ -135,10 +132,25 @@ def _fit(spec: JobSpec, bundle, loader: str, store: RunStore, view, verbose: boo
         run_config=ray.train.RunConfig(
             name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str((store.root / ".ray").resolve()),
-            failure_config=ray.train.FailureConfig(max_failures=spec.failure.max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=spec.failure.max_failures),
+            callbacks=list(callbacks)),
         datasets=to_ray_datasets(bundle),
         dataset_config=DataConfig(datasets_to_split=["train", "val"] if loader == "stream" else []),
     )
+
+
+def pick_loader(spec: JobSpec, bundle) -> str:
+    # the stages of one pipeline replica must see the same batches, which only the memory loader gives
+    return "memory" if spec.parallelism.pipeline.stages > 1 else choose_loader(spec.data.loader, bundle.nbytes)
+
+
+def _fit(spec: JobSpec, bundle, loader: str, store: RunStore, view, verbose: bool) -> None:
+    import ray
+
+    from raybig.train.progress import ProgressBoard
+
+    board = ProgressBoard.remote()
+    trainer = build_trainer(spec, bundle, loader, store, board=board)
     error: list[BaseException] = []
 
     def target():
