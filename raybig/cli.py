@@ -96,7 +96,10 @@ def run(
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]: rerun the same command to resume from the last checkpoint")
         raise typer.Exit(130)
-    root = outcome.store.root
+    from raybig.store_io import is_uri
+
+    where = outcome.store.location
+    root = where if is_uri(where) else outcome.store.root  # an s3:// / gs:// run is named by its URI
     if outcome.already_complete:
         err.print(f"{root} already holds all {spec.train.epochs} epochs (use --fresh to train again)")
         out.print(epoch_table(outcome.history[-1:]))
@@ -104,7 +107,7 @@ def run(
     out.print(f"[green]done[/]: val accuracy {final.get('val_accuracy', float('nan')):.2%}, "
               f"val loss {final.get('val_loss', float('nan')):.4f} after epoch {final.get('epoch', 0)}"
               + (f" in {outcome.seconds:.0f} s" if outcome.seconds else ""), highlight=False)
-    out.print(f"model: {root / 'model.safetensors'}\nrun:   {root}/ (spec.yaml, metrics.json, curves.png, "
+    out.print(f"model: {root}/model.safetensors\nrun:   {root}/ (spec.yaml, metrics.json, curves.png, "
               "tensorboard/, checkpoints/)", highlight=False)
 
 
@@ -298,25 +301,33 @@ def submit(
     set_: Optional[list[str]] = SetOption,
     cluster_file: Optional[str] = ClusterOption,
     address: Optional[str] = AddressOption,
-    store: Optional[str] = typer.Option(None, help="The model store on the cluster (default: the cluster file's)."),
-    follow: bool = typer.Option(False, help="Stream the job's logs until it ends."),
+    store: Optional[str] = typer.Option(None, help="The model store as the cluster sees it: an absolute path, or "
+                                        "an s3:// or gs:// URI (default: the cluster file's)."),
+    command: str = typer.Option("run", help="What the job runs with the spec: run, sweep, or serve (the run the "
+                                "spec trained, from the store)."),
+    follow: bool = typer.Option(False, help="Stream the job's logs until it ends; exit 1 unless it succeeds."),
 ):
     """Run a job spec on a Ray cluster through Ray Job Submission."""
+    from raybig.clusterspec import check_store
+    from raybig.store_io import join
     from raybig.submit import submit as submit_job
 
     spec = _load(spec_path, set_)  # a bad spec fails here, before the cluster is contacted
     url, token, cluster = _target(cluster_file, address)
     where = store or (cluster.store if cluster else None)
-    if not where:
-        _fail(SpecError("give --store PATH (as the cluster sees it) or use a cluster file with a store", "--store"))
     try:
-        job_id = submit_job(spec_path, spec.name, url, token, where, set_ or [], "run",
+        if not where:
+            raise SpecError("give --store PATH_OR_URI (as the cluster sees it) or a cluster file with a store",
+                            "--store")
+        check_store(where, "--store")
+        job_id = submit_job(spec_path, spec.name, url, token, where, set_ or [], command,
                             cluster.pip if cluster else None)
     except SpecError as error:
         _fail(error)
-    out.print(f"[green]submitted[/]: {job_id} to {url}; model store {where}/{spec.name}", highlight=False)
-    out.print(f"follow: raybig jobs logs {job_id} --follow {'--cluster ' + cluster_file if cluster_file else '--address ' + url}",
+    out.print(f"[green]submitted[/]: {job_id} to {url} ({command}; model store {join(where, spec.name)})",
               highlight=False)
+    target = f"--cluster {cluster_file}" if cluster_file else f"--address {url}"
+    out.print(f"follow: raybig jobs logs {job_id} --follow {target}", highlight=False)
     if follow:
         jobs_logs(job_id, cluster_file, address, True)
 

@@ -19,6 +19,8 @@ class HeadSpec(Strict):
     client_server_port: int = Field(default=23091, ge=1024, le=65535, description="Outside Ray's worker ports 10002-19999.")
     num_cpus: int = Field(default=2, ge=1)
     num_gpus: int = Field(default=0, ge=0)
+    temp_dir: str | None = Field(default=None, description="Ray's session and log directory (default /tmp/ray); "
+                                 "keep it short, Ray's socket paths must fit in 107 characters.")
 
 
 class AuthSpec(Strict):
@@ -40,13 +42,18 @@ class ClusterSpec(Strict):
     def _where(self):
         if self.address is None and self.head is None:
             raise SpecError([("address", "give an address, or a head section for a local cluster")])
-        if not (self.store.startswith("/") or self.store.startswith(("s3://", "gs://"))):
-            raise SpecError([("store", f"expected an absolute path or an s3:// / gs:// URI, got {self.store!r}")])
+        check_store(self.store, "store")
         return self
 
     @property
     def submit_address(self) -> str:
         return self.address or f"http://{self.head.host}:{self.head.dashboard_port}"
+
+
+def check_store(store: str, field: str) -> None:
+    """A store every process of the cluster names the same way: an absolute path, or an object-store URI."""
+    if not (store.startswith("/") or store.startswith(("s3://", "gs://"))):
+        raise SpecError(f"expected an absolute path or an s3:// or gs:// URI, got {store!r}", field)
 
 
 def load_cluster(path: str | Path) -> ClusterSpec:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shlex
 import signal
 import subprocess
@@ -13,11 +14,15 @@ from pathlib import Path
 
 from raybig.clusterspec import ClusterSpec
 from raybig.errors import SpecError
+from raybig.store_io import is_uri, join
 
 # Ray 2.60 clusters use token auth; Ray reads the mode when it is imported
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 PROJECT_EXCLUDES = ["runs/", ".venv/", ".git/", "**/__pycache__/", "*.egg-info/", ".pytest_cache/"]
+# What `raybig submit --command` can run on the cluster. run and sweep take the spec and write into the
+# store; serve serves the run the spec trained, from the store.
+COMMANDS = ("run", "sweep", "serve")
 
 
 # ----------------------------------------------------------------------------- auth
@@ -75,6 +80,17 @@ def _state_file(cluster: ClusterSpec) -> Path:
     return d / f"{cluster.name}.json"
 
 
+def head_command(cluster: ClusterSpec) -> list[str]:
+    h = cluster.head
+    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+           f"--node-ip-address={h.host}", f"--port={h.port}", f"--dashboard-host={h.host}",
+           f"--dashboard-port={h.dashboard_port}", f"--ray-client-server-port={h.client_server_port}",
+           f"--num-cpus={h.num_cpus}", f"--num-gpus={h.num_gpus}", "--disable-usage-stats"]
+    if h.temp_dir:
+        cmd.append(f"--temp-dir={Path(h.temp_dir).expanduser()}")
+    return cmd
+
+
 def cluster_up(cluster: ClusterSpec, timeout: float = 120) -> dict:
     """`ray start --head --block` in its own process group, so `down` ends exactly that group."""
     if cluster.head is None:
@@ -82,27 +98,25 @@ def cluster_up(cluster: ClusterSpec, timeout: float = 120) -> dict:
     state = _state_file(cluster)
     if state.exists():
         info = json.loads(state.read_text())
-        if _alive(info["pgid"]):
-            return info
-    h = cluster.head
-    ray = str(Path(sys.executable).with_name("ray"))
-    cmd = [ray, "start", "--head", "--block", f"--node-ip-address={h.host}", f"--port={h.port}",
-           f"--dashboard-host={h.host}", f"--dashboard-port={h.dashboard_port}",
-           f"--ray-client-server-port={h.client_server_port}", f"--num-cpus={h.num_cpus}", f"--num-gpus={h.num_gpus}",
-           "--disable-usage-stats"]
-    log = state.with_suffix(".log").open("w")
+        if info.get("start") is not None and _start_time(info["pid"]) == info["start"]:
+            return info  # already up
+    log_path = state.with_suffix(".log")
     # jobs' entrypoints say `python`: make it this environment's, where raybig and torch are installed
     env = {**os.environ, "RAY_AUTH_MODE": "token",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    info = {"pid": proc.pid, "pgid": os.getpgid(proc.pid), "address": cluster.submit_address,
-            "gcs": f"{h.host}:{h.port}", "log": str(state.with_suffix(".log"))}
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(head_command(cluster), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env=env)
+    info = {"pid": proc.pid, "pgid": os.getpgid(proc.pid), "start": _start_time(proc.pid),
+            "address": cluster.submit_address,
+            "gcs": f"{cluster.head.host}:{cluster.head.port}", "log": str(log_path)}
     state.write_text(json.dumps(info))
     deadline = time.time() + timeout
     token = None
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise SpecError(f"ray start exited with {proc.returncode}; see {info['log']}", "head")
+            state.unlink(missing_ok=True)
+            raise SpecError(f"ray start exited with {proc.returncode}; see {log_path}", "head")
         try:
             token = token or resolve_token(cluster)
             call(client(cluster.submit_address, token).list_jobs, where=cluster.submit_address)
@@ -110,29 +124,93 @@ def cluster_up(cluster: ClusterSpec, timeout: float = 120) -> dict:
         except SpecError:
             time.sleep(1)
     cluster_down(cluster)
-    raise SpecError(f"the head did not answer at {cluster.submit_address} within {timeout:.0f} s; see {info['log']}")
+    raise SpecError(f"the head did not answer at {cluster.submit_address} within {timeout:.0f} s; see {log_path}")
+
+
+def _stat(pid: int) -> tuple[str, int, int, int] | None:
+    """(state, parent pid, process group, start time) of a process, from Linux /proc; None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()
+    return fields[0], int(fields[1]), int(fields[2]), int(fields[19])
+
+
+def _start_time(pid: int) -> int | None:
+    stat = _stat(pid)
+    return stat[3] if stat and stat[0] != "Z" else None
+
+
+def _processes() -> dict[int, tuple[str, int, int, int]]:
+    found = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        stat = _stat(int(entry.name))
+        if stat:
+            found[int(entry.name)] = stat
+    return found
 
 
 def _alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
+    """Whether the group has a live member (a zombie nobody reaped does not count)."""
+    if not Path("/proc").is_dir():
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+    return any(state != "Z" and group == pgid for state, _, group, _ in _processes().values())
 
 
-def cluster_down(cluster: ClusterSpec, timeout: float = 30) -> bool:
+def _descendants(pid: int) -> dict[int, int]:
+    """Every process below `pid`, with its start time: Ray gives job drivers sessions of their own, so the
+    head's process group alone does not reach them."""
+    procs = _processes()
+    children: dict[int, list[int]] = {}
+    for child, (_, parent, _, _) in procs.items():
+        children.setdefault(parent, []).append(child)
+    found, todo = {}, [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found[child] = procs[child][3]
+            todo.append(child)
+    return found
+
+
+def cluster_down(cluster: ClusterSpec, timeout: float = 10) -> bool:
+    """SIGTERM the head's process group and the processes it started in sessions of their own, then SIGKILL
+    whatever is left after `timeout` (the GCS server, for one, lingers on SIGTERM; like `ray stop`, give it a
+    grace period, then kill). A pid is signalled only while it is still the process found at first."""
     state = _state_file(cluster)
     if not state.exists():
         return False
-    pgid = json.loads(state.read_text())["pgid"]
-    if _alive(pgid):
-        os.killpg(pgid, signal.SIGTERM)
-        deadline = time.time() + timeout
-        while _alive(pgid) and time.time() < deadline:
-            time.sleep(0.5)
-        if _alive(pgid):
-            os.killpg(pgid, signal.SIGKILL)
+    info = json.loads(state.read_text())
+    pgid, leader = info["pgid"], _stat(info["pid"])
+    if leader is not None and leader[3] != info.get("start"):  # the pid is another process now: ours is gone
+        state.unlink()
+        return True
+    started = _descendants(info["pid"]) if leader is not None else {}
+
+    def ours() -> list[int]:
+        alive = ((p, _stat(p)) for p in started)
+        return [p for p, stat in alive if stat and stat[0] != "Z" and stat[3] == started[p]]
+
+    def signal_all(sig) -> None:
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            pass
+        for p in ours():
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:
+                pass
+
+    signal_all(signal.SIGTERM)
+    deadline = time.time() + timeout
+    while (_alive(pgid) or ours()) and time.time() < deadline:
+        time.sleep(0.5)
+    signal_all(signal.SIGKILL)
     state.unlink()
     return True
 
@@ -146,25 +224,46 @@ def project_root(spec_path: Path) -> Path:
     return spec_path.resolve().parent
 
 
-def entrypoint(command: str, spec_rel: str, overrides: list[str]) -> str:
-    """An argument list, quoted piece by piece: spec fields never become shell syntax."""
-    args = [command, spec_rel]
-    if command == "run":
-        args += ["--address", "auto"]
+def entrypoint_args(command: str, spec_rel: str, name: str, store: str, overrides: list[str]) -> list[str]:
+    """The job's command as an argument list; spec fields and overrides are single arguments, never shell syntax.
+
+    run and sweep read the spec (shipped in the working directory) and write into the cluster's store;
+    serve serves the run `name` from the store (a path the cluster's nodes see)."""
+    if command not in COMMANDS:
+        raise SpecError(f"{command!r} is not one of: {', '.join(COMMANDS)}", "--command")
+    if command == "serve":
+        if is_uri(store):
+            raise SpecError(f"serve reads a run from a path on the cluster, not from {store}; use a path store "
+                            "(a shared file system on several nodes)", "--store")
+        if any(not item.startswith("name=") for item in overrides):
+            raise SpecError("serve takes the run as it was trained: only --set name=... (which run) applies",
+                            "--set")
+        return ["python", "-m", "raybig", "serve", join(store, name), "--address", "auto"]
+    args = ["python", "-m", "raybig", command, spec_rel, "--address", "auto", "--set", f"output.dir={store}"]
     for item in overrides:
         args += ["--set", item]
-    return shlex.join(["python", "-m", "raybig", *args])
+    return args
+
+
+def entrypoint(command: str, spec_rel: str, name: str, store: str, overrides: list[str]) -> str:
+    """Ray runs the entrypoint through a shell: every piece is quoted."""
+    return shlex.join(entrypoint_args(command, spec_rel, name, store, overrides))
+
+
+def submission_id(name: str) -> str:
+    """The spec's name and the time, and a few random characters so two submissions in one second differ."""
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
 def submit(spec_path: str, spec_name: str, address: str, token: str, store: str, overrides: list[str],
            command: str = "run", pip: list[str] | None = None) -> str:
     root = project_root(Path(spec_path))
-    spec_rel = str(Path(spec_path).resolve().relative_to(root))
-    job_id = f"{spec_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    spec_rel = Path(spec_path).resolve().relative_to(root).as_posix()
+    line = entrypoint(command, spec_rel, spec_name, store, overrides)
+    job_id = submission_id(spec_name)
     runtime_env = {"working_dir": str(root), "excludes": PROJECT_EXCLUDES}
     if pip:
         runtime_env["pip"] = pip
     c = client(address, token)
-    call(c.submit_job, entrypoint=entrypoint(command, spec_rel, [f"output.dir={store}", *overrides]),
-         submission_id=job_id, runtime_env=runtime_env, where=address)
+    call(c.submit_job, entrypoint=line, submission_id=job_id, runtime_env=runtime_env, where=address)
     return job_id

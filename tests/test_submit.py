@@ -1,12 +1,16 @@
-"""A real `ray start --head --block` on loopback, in its own process group; jobs submitted through Ray Job
-Submission with raybig (and once with the stock `ray job submit`)."""
+"""A real `ray start --head --block` on loopback, in its own process group, started and stopped with
+`raybig cluster up/down`; jobs submitted through Ray Job Submission with raybig (and once with the stock
+`ray job submit`), a model store in an object store (an S3-compatible server on loopback), token auth."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -14,9 +18,14 @@ import yaml
 
 from raybig.clusterspec import load_cluster
 from raybig.errors import SpecError
+from s3server import s3_bucket
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+# Not Ray's defaults (6379, 8265, 10001), nor clusters/local.yaml's, so this head collides with no other
+HEAD = {"port": 6393, "dashboard_port": 8293, "client_server_port": 23093, "num_cpus": 2}
+ADDRESS = f"http://127.0.0.1:{HEAD['dashboard_port']}"
+SERVE_PORT = 8393
 
 
 def raybig(*args, env=None, timeout=240):
@@ -24,82 +33,168 @@ def raybig(*args, env=None, timeout=240):
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
+def job_id_of(proc) -> str:
+    found = re.search(r"submitted: (\S+)", proc.stdout)
+    assert found, proc.stdout + proc.stderr
+    return found.group(1)
+
+
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
+def s3():
+    with s3_bucket() as uri:
+        yield uri
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory, s3):
+    """The head, up for the whole module; it inherits the S3 credentials, as a cloud node has its own."""
     import ray
 
     if ray.is_initialized():
         ray.shutdown()  # one Ray at a time: the session's local Ray comes back for later modules
     tmp = tmp_path_factory.mktemp("cluster")
+    ray_tmp = tempfile.mkdtemp(prefix="rbt", dir="/tmp")  # short: Ray's socket paths must fit in 107 characters
     cluster_file = tmp / "test-cluster.yaml"
     cluster_file.write_text(yaml.safe_dump({
-        "name": "raybig-test", "store": str(tmp / "store"),
-        "head": {"port": 6392, "dashboard_port": 8292, "client_server_port": 23092, "num_cpus": 2}}))
-    up = raybig("cluster", "up", str(cluster_file), env={"RAYBIG_CACHE": str(tmp / "cache")})
+        "name": "raybig-test", "store": str(tmp / "store"), "head": {**HEAD, "temp_dir": ray_tmp}}))
+    cache = {"RAYBIG_CACHE": str(tmp / "cache")}
+    up = raybig("cluster", "up", str(cluster_file), env=cache)
     assert up.returncode == 0, up.stdout + up.stderr
     pgid = int(re.search(r"process group (\d+)", up.stdout).group(1))
-    yield {"file": str(cluster_file), "store": tmp / "store", "address": "http://127.0.0.1:8292", "pgid": pgid}
-    down = raybig("cluster", "down", str(cluster_file), env={"RAYBIG_CACHE": str(tmp / "cache")})
     try:
-        os.killpg(pgid, signal.SIGKILL)  # in case `down` could not: only the group this test started
-    except ProcessLookupError:
-        pass
-    assert down.returncode == 0, down.stderr
+        yield {"file": str(cluster_file), "store": tmp / "store", "pgid": pgid, "tmp": tmp}
+    finally:
+        down = raybig("cluster", "down", str(cluster_file), env=cache)
+        still_up = _group_alive(pgid)
+        if still_up:
+            os.killpg(pgid, signal.SIGKILL)  # only the group this test started
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+        assert down.returncode == 0 and "down" in down.stdout, down.stdout + down.stderr
+        assert not still_up, "raybig cluster down left the head's process group running"
 
 
-def test_submitted_job_runs_to_success_and_leaves_its_model_in_the_store(head):
-    proc = raybig("submit", "jobs/digits_mlp.yaml", "--cluster", head["file"], "--set", "train.epochs=2", "--follow")
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    job_id = re.search(r"submitted\S*: (\S+)", proc.stdout).group(1)
-    assert job_id.startswith("digits-mlp-")
+def _group_alive(pgid: int) -> bool:
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def test_a_submitted_spec_trains_on_the_cluster_into_an_object_store_and_is_pulled_back(head, s3):
+    from raybig.train.checkpoint import load_trained_model
+
+    proc = raybig("submit", "jobs/digits_mlp.yaml", "--cluster", head["file"], "--store", s3,
+                  "--set", "train.epochs=2", "--follow")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    job_id = job_id_of(proc)
+    assert re.fullmatch(r"digits-mlp-\d{8}-\d{6}-[0-9a-f]{4}", job_id)
     assert f"{job_id}: SUCCEEDED" in proc.stdout
-    run = head["store"] / "digits-mlp"
-    assert (run / "model.safetensors").is_file()
+    assert "done: val accuracy" in proc.stdout  # the job's own output, streamed
+
+    pulled = raybig("pull", "digits-mlp", "--store", s3, "--to", str(head["tmp"] / "local"))
+    assert pulled.returncode == 0, pulled.stderr
+    run = head["tmp"] / "local" / "digits-mlp"
+    model, info = load_trained_model(run)
+    assert info["epoch"] == 2 and info["metrics"]["val_accuracy"] > 0.8
     assert [r["epoch"] for r in json.loads((run / "metrics.json").read_text())] == [1, 2]
+    assert yaml.safe_load((run / "spec.yaml").read_text())["output"]["dir"] == s3
+    assert (run / "curves.png").is_file() and (run / "checkpoints" / "epoch-0002" / "meta.json").is_file()
+
     listed = raybig("jobs", "list", "--cluster", head["file"])
     assert listed.returncode == 0 and job_id in listed.stdout and "SUCCEEDED" in listed.stdout
+    status = raybig("jobs", "status", job_id, "--address", ADDRESS)
+    assert status.returncode == 0 and f"{job_id}: SUCCEEDED" in status.stdout
+    logs = raybig("jobs", "logs", job_id, "--cluster", head["file"])
+    assert logs.returncode == 0 and "done: val accuracy" in logs.stdout
 
 
 def test_a_long_job_is_stopped(head):
     proc = raybig("submit", "jobs/digits_mlp.yaml", "--cluster", head["file"], "--set", "train.epochs=2000",
                   "--set", "name=long-job")
     assert proc.returncode == 0, proc.stderr
-    job_id = re.search(r"submitted\S*: (\S+)", proc.stdout).group(1)
+    job_id = job_id_of(proc)
     deadline = time.time() + 120
-    while time.time() < deadline and "RUNNING" not in raybig("jobs", "status", job_id, "--cluster", head["file"]).stdout:
+    while time.time() < deadline:
+        if "RUNNING" in raybig("jobs", "status", job_id, "--cluster", head["file"]).stdout:
+            break
         time.sleep(1)
     stopped = raybig("jobs", "stop", job_id, "--cluster", head["file"])
     assert stopped.returncode == 0 and f"{job_id}: STOPPED" in stopped.stdout, stopped.stdout + stopped.stderr
-    assert "STOPPED" in raybig("jobs", "status", job_id, "--address", head["address"]).stdout
+    assert f"{job_id}: STOPPED" in raybig("jobs", "status", job_id, "--address", ADDRESS).stdout
 
 
-def test_the_stock_ray_job_submit_runs_a_spec(head):
+def test_the_stock_ray_job_submit_runs_a_spec_and_raybig_serves_the_run_on_the_cluster(head):
+    # the command docs/clusters.md gives, with this test's head and store
     ray_cli = str(Path(sys.executable).with_name("ray"))
     excludes = json.dumps({"excludes": ["runs/", ".venv/", ".git/", "**/__pycache__/"]})
     proc = subprocess.run(
-        [ray_cli, "job", "submit", "--address", head["address"], "--working-dir", str(ROOT),
-         "--runtime-env-json", excludes, "--", "python", "-m", "raybig", "run", "jobs/digits_mlp.yaml",
-         "--address", "auto", "--set", f"output.dir={head['store']}", "--set", "name=stock-submit",
-         "--set", "train.epochs=1"],
+        [ray_cli, "job", "submit", "--address", ADDRESS, "--working-dir", str(ROOT), "--runtime-env-json", excludes,
+         "--", "python", "-m", "raybig", "run", "jobs/digits_mlp.yaml", "--address", "auto",
+         "--set", f"output.dir={head['store']}", "--set", "name=stock-submit", "--set", "train.epochs=1",
+         "--set", f"serve.port={SERVE_PORT}"],
         capture_output=True, text=True, timeout=240, env={**os.environ, "RAY_AUTH_MODE": "token"}, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert (head["store"] / "stock-submit" / "model.safetensors").is_file()
+    assert "succeeded" in proc.stdout.lower()
+    run = head["store"] / "stock-submit"
+    assert (run / "model.safetensors").is_file() and json.loads((run / "model.json").read_text())["epoch"] == 1
+
+    # the same spec, `--command serve`: a job that serves the run it trained, from the store
+    proc = raybig("submit", "jobs/digits_mlp.yaml", "--cluster", head["file"], "--command", "serve",
+                  "--set", "name=stock-submit", "--set", "serve.port=1")
+    assert proc.returncode == 2 and "only --set name=" in proc.stderr  # serve takes the run as trained
+    proc = raybig("submit", "jobs/digits_mlp.yaml", "--cluster", head["file"], "--command", "serve",
+                  "--set", "name=stock-submit")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job_id = job_id_of(proc)
+    from raybig.data.datasets import load
+    from raybig.spec import load_spec
+
+    sample = load(load_spec(ROOT / "jobs" / "digits_mlp.yaml").data).val.x[:2].tolist()
+    reply, deadline = None, time.time() + 150
+    while reply is None and time.time() < deadline:
+        try:
+            request = urllib.request.Request(f"http://127.0.0.1:{SERVE_PORT}/v1/models/stock-submit/predict",
+                                             data=json.dumps({"inputs": sample}).encode(),
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=10) as response:
+                reply = json.loads(response.read())
+        except (OSError, ValueError):
+            time.sleep(2)
+    status = raybig("jobs", "status", job_id, "--cluster", head["file"]).stdout
+    stopped = raybig("jobs", "stop", job_id, "--cluster", head["file"])
+    assert reply is not None, f"the served model never answered; {status}"
+    assert len(reply["predictions"]) == 2 and "RUNNING" in status
+    assert stopped.returncode == 0
 
 
 def test_unreachable_address_is_one_clear_line():
     proc = raybig("jobs", "list", "--address", "http://127.0.0.1:9")
-    assert proc.returncode == 2 and "cannot reach a Ray cluster" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "cannot reach a Ray cluster at http://127.0.0.1:9" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_missing_token_is_one_clear_line(head, tmp_path):
     env = {"HOME": str(tmp_path), "RAY_AUTH_TOKEN": "", "RAY_AUTH_TOKEN_PATH": ""}
     proc = raybig("submit", "jobs/digits_mlp.yaml", "--cluster", head["file"], env=env)
     assert proc.returncode == 2 and "no Ray auth token" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_wrong_token_is_refused(head):
+def test_wrong_token_is_refused_and_the_right_one_from_a_file_is_taken(head, tmp_path):
     proc = raybig("jobs", "list", "--cluster", head["file"], env={"RAY_AUTH_TOKEN": "not-the-token"})
     assert proc.returncode == 2 and "refused the auth token" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    token_file = tmp_path / "token"
+    token_file.write_text((Path.home() / ".ray" / "auth_token").read_text())
+    cluster = yaml.safe_load(Path(head["file"]).read_text())
+    cluster["auth"] = {"token_path": str(token_file)}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cluster))
+    proc = raybig("jobs", "list", "--cluster", str(tmp_path / "c.yaml"), env={"HOME": str(tmp_path / "elsewhere")})
+    assert proc.returncode == 0, proc.stderr
 
 
 @pytest.mark.parametrize("content, field", [
@@ -107,6 +202,8 @@ def test_wrong_token_is_refused(head):
     ("name: x\nstore: /s\nhead: {cpus: 2}\n", "head.cpus"),
     ("name: x\nstore: /s\n", "address"),
     ("name: x\nstore: /s\nhead: {host: 0.0.0.0}\n", "head.host"),
+    ("name: x\nstore: /s\nhead: {port: http}\n", "head.port"),
+    ("name: x\nstore: /s\naddress: 127.0.0.1:8265\n", "address"),
     ("name: [x\n", "invalid YAML"),
 ])
 def test_malformed_cluster_file(tmp_path, content, field):
@@ -119,65 +216,16 @@ def test_malformed_cluster_file(tmp_path, content, field):
     assert proc.returncode == 2 and field in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_shipped_local_cluster_file_is_valid():
-    cluster = load_cluster(ROOT / "clusters" / "local.yaml")
-    assert cluster.head.host == "127.0.0.1" and cluster.submit_address.startswith("http://127.0.0.1:")
+def test_entrypoints_quote_every_piece():
+    from raybig.submit import entrypoint, entrypoint_args
 
-
-def test_entrypoint_quotes_every_piece():
-    from raybig.submit import entrypoint
-
-    line = entrypoint("run", "jobs/x.yaml", ["name=a; rm -rf /", "train.epochs=3"])
-    assert "'name=a; rm -rf /'" in line and line.startswith("python -m raybig run jobs/x.yaml --address auto")
-
-
-def _unknown_fields(value, schema, path="") -> list[str]:
-    bad = []
-    if isinstance(value, dict) and "properties" in schema:
-        for key, item in value.items():
-            bad += [f"{path}.{key}"] if key not in schema["properties"] else \
-                _unknown_fields(item, schema["properties"][key], f"{path}.{key}")
-    elif isinstance(value, list) and "items" in schema:
-        for i, item in enumerate(value):
-            bad += _unknown_fields(item, schema["items"], f"{path}[{i}]")
-    return bad
-
-
-def test_shipped_kuberay_manifests_match_the_generator_and_the_crd_schemas(tmp_path):
-    import jsonschema
-
-    proc = raybig("export", "kuberay", "jobs/digits_cnn.yaml", "--store-claim", "raybig-models", "--out", str(tmp_path))
-    assert proc.returncode == 0, proc.stderr
-    for kind in ("raycluster", "rayjob", "rayservice"):
-        generated = (tmp_path / f"digits-cnn.{kind}.yaml").read_text()
-        assert (ROOT / "clusters" / "kuberay" / f"digits-cnn.{kind}.yaml").read_text() == generated, \
-            "regenerate: raybig export kuberay jobs/digits_cnn.yaml --store-claim raybig-models"
-        manifest = yaml.safe_load(generated)
-        schema = json.loads((ROOT / "tests" / "data" / "kuberay" / f"{kind}.v1.schema.json").read_text())
-        jsonschema.validate(manifest, schema)
-        assert _unknown_fields(manifest, schema) == []
-    job = yaml.safe_load((tmp_path / "digits-cnn.rayjob.yaml").read_text())
-    assert job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 2  # data degree 2
-    assert job["spec"]["entrypoint"].startswith("python -m raybig run jobs/digits_cnn.yaml")
-
-
-@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
-def test_ray_up_configs_pass_rays_validator(name):
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
-    config = yaml.safe_load((ROOT / "clusters" / name).read_text())
-    validate_config(prepare_config(config))
-    assert any(t.get("resources", {}).get("GPU") for t in config["available_node_types"].values())
-
-
-def test_pull_copies_a_run_from_a_store(tmp_path):
-    run = tmp_path / "store" / "some-run"
-    (run / "checkpoints" / "epoch-0001").mkdir(parents=True)
-    (run / "model.safetensors").write_bytes(b"weights")
-    (run / "checkpoints" / "epoch-0001" / "meta.json").write_text("{}")
-    proc = raybig("pull", "some-run", "--store", str(tmp_path / "store"), "--to", str(tmp_path / "local"))
-    assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "local" / "some-run" / "model.safetensors").read_bytes() == b"weights"
-    assert (tmp_path / "local" / "some-run" / "checkpoints" / "epoch-0001" / "meta.json").exists()
-    missing = raybig("pull", "nope", "--store", str(tmp_path / "store"))
-    assert missing.returncode == 2 and "no run named" in missing.stderr
+    line = entrypoint("run", "jobs/x.yaml", "x", "/models", ["name=a; rm -rf /", "train.epochs=3"])
+    assert line == ("python -m raybig run jobs/x.yaml --address auto --set output.dir=/models "
+                    "--set 'name=a; rm -rf /' --set train.epochs=3")
+    assert entrypoint_args("sweep", "jobs/x.yaml", "x", "s3://b/p", [])[3:6] == ["sweep", "jobs/x.yaml", "--address"]
+    assert entrypoint_args("serve", "jobs/x.yaml", "x", "/models", ["name=x"]) == \
+        ["python", "-m", "raybig", "serve", "/models/x", "--address", "auto"]
+    with pytest.raises(SpecError, match="path"):
+        entrypoint_args("serve", "jobs/x.yaml", "x", "s3://b/p", [])
+    with pytest.raises(SpecError, match="not one of"):
+        entrypoint_args("train", "jobs/x.yaml", "x", "/models", [])

@@ -120,6 +120,18 @@ class RunStore:
     def load_model_state(self) -> dict:
         return load_file(str(self.root / "model.safetensors"))
 
+    # -- hooks for stores that live elsewhere (raybig.store_io.SyncedRunStore: s3://, gs://)
+    @property
+    def location(self) -> str:
+        """Where the run lives, as the user names it: this path, or an object-store URI."""
+        return str(self.root.resolve())
+
+    def saved(self, *names: str) -> None:
+        """Files written straight into root by the caller (curves.png): here they already are in the store."""
+
+    def discard(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
 
 def load_trained_model(run_dir: str | Path):
     """The published model of a run, ready for inference: (model in eval mode, model.json info).

@@ -1,12 +1,10 @@
 """The driver side of `raybig run`: check the plan, prepare the store, start Ray Train, show progress."""
 from __future__ import annotations
 
-import shutil
 import warnings
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import yaml
 
@@ -72,15 +70,17 @@ def _same_run(stored: dict, spec: JobSpec) -> list[str]:
 
 
 def prepare_store(spec: JobSpec, fresh: bool) -> tuple[RunStore, int]:
-    store = RunStore(Path(spec.output.dir) / spec.name)
+    from raybig.store_io import join, open_run_store
+
+    store = open_run_store(join(spec.output.dir, spec.name))  # a path, or an s3:// / gs:// URI
     spec_file = store.root / "spec.yaml"
-    if fresh and store.root.exists():
-        shutil.rmtree(store.root)
+    if fresh:
+        store.discard()
     latest = store.latest()
     if latest is not None and spec_file.exists():
         changed = _same_run(yaml.safe_load(spec_file.read_text()) or {}, spec)
         if changed:
-            raise SpecError(f"{store.root} holds a run with a different {' and '.join(changed)} section; "
+            raise SpecError(f"{store.location} holds a run with a different {' and '.join(changed)} section; "
                             "pass --fresh to start over, or choose another name", "name")
     done = int(latest.name.split("-")[-1]) if latest is not None else 0
     return store, done
@@ -107,6 +107,7 @@ def run(spec: JobSpec, *, address: str | None = None, num_cpus: float | None = N
         _fit(spec, bundle, loader, store, view, verbose)
     history = store.history()
     write_curves(store.root, history)
+    store.saved("curves.png", "tensorboard")
     return RunOutcome(store, history, resumed_from=done, seconds=time.perf_counter() - started)
 
 
@@ -123,7 +124,7 @@ def build_trainer(spec: JobSpec, bundle, loader: str, store: RunStore, board=Non
         train_loop_per_worker,
         train_loop_config={
             "spec": spec.model_dump(mode="json"), "meta": bundle.meta.to_dict(), "loader": loader,
-            "store": str(store.root.resolve()), "threads": max(1, int(res.cpus_per_worker)), "board": board,
+            "store": store.location, "threads": max(1, int(res.cpus_per_worker)), "board": board,
             "train_rows": len(bundle.train), "val_rows": len(bundle.val),
         },
         scaling_config=ray.train.ScalingConfig(

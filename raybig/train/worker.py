@@ -11,7 +11,7 @@ def train_loop_per_worker(config: dict) -> None:
     from raybig.data.datasets import DataMeta
     from raybig.data.loader import StreamSource, materialize, memory_sources
     from raybig.spec import JobSpec
-    from raybig.train.checkpoint import RunStore
+    from raybig.store_io import open_run_store
     from raybig.train.loop import WorkerEnv, fit
 
     spec = JobSpec.model_validate(config["spec"])
@@ -29,4 +29,4 @@ def train_loop_per_worker(config: dict) -> None:
     board = config.get("board")
     progress = (lambda item: board.push.remote(item)) if board is not None and rank == 0 else None
     env = WorkerEnv(rank, world, ray.train.torch.get_device(), train, val, report=ray.train.report, progress=progress)
-    fit(spec, meta, env, RunStore(config["store"]))
+    fit(spec, meta, env, open_run_store(config["store"]))

@@ -1,0 +1,92 @@
+"""A model store in an object store: training writes a run to s3:// (a real S3-compatible server on loopback),
+a second process resumes from it, and `raybig pull` brings it back. No Ray: the one training loop in-process."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from raybig.errors import SpecError
+from raybig.store_io import SyncedRunStore, is_uri, join, open_run_store, pull_run
+from raybig.train.checkpoint import RunStore, load_trained_model
+from s3server import S3_ENV, s3_bucket
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def s3_store():
+    with s3_bucket() as uri:
+        yield uri
+
+
+def train(location: str, epochs: int):
+    """The training loop in this process, into the store at `location`; returns (history, store)."""
+    from raybig.data.datasets import load
+    from raybig.data.loader import MemorySource
+    from raybig.spec import parse_spec
+    from raybig.train.loop import WorkerEnv, fit
+
+    spec = parse_spec({"name": "s3run", "model": {"kind": "mlp", "hidden": [32]}, "data": {"source": "digits"},
+                       "train": {"epochs": epochs, "batch_size": 64, "seed": 0},
+                       "checkpoint": {"every_epochs": 1, "keep": 2}})
+    bundle = load(spec.data)
+    env = WorkerEnv(0, 1, torch.device("cpu"), MemorySource(bundle.train.x, bundle.train.y, 64, 0, 1, 0),
+                    MemorySource(bundle.val.x, bundle.val.y, 64, 0, 1, 0))
+    store = open_run_store(location)
+    store.write_spec(spec.to_yaml())
+    return fit(spec, bundle.meta, env, store), store
+
+
+def remote_files(store: SyncedRunStore) -> set[str]:
+    import pyarrow.fs as pafs
+
+    infos = store.fs.get_file_info(pafs.FileSelector(store.remote, recursive=True, allow_not_found=True))
+    return {i.path[len(store.remote) + 1:] for i in infos if i.type == pafs.FileType.File}
+
+
+def test_locations():
+    assert is_uri("s3://b/p") and is_uri("gs://b/p") and not is_uri("/data/runs") and not is_uri("runs")
+    assert join("s3://b/store?endpoint_override=h:1&scheme=http", "x") == "s3://b/store/x?endpoint_override=h:1&scheme=http"
+    assert join("/data/runs", "x") == "/data/runs/x"
+    assert type(open_run_store("/tmp/somewhere/x")) is RunStore
+
+
+@pytest.mark.timeout(300)
+def test_a_run_lives_in_the_object_store_resumes_from_it_and_is_pulled_back(s3_store, tmp_path):
+    location = join(s3_store, "s3run")
+    first, store = train(location, epochs=2)
+    files = remote_files(store)
+    assert {"spec.yaml", "metrics.json", "model.json", "model.safetensors",
+            "checkpoints/epoch-0002/meta.json", "checkpoints/epoch-0002/model.safetensors"} <= files
+    assert not any(".pending" in f for f in files)
+
+    # another process (here: another store object with its own local copy) resumes after epoch 2
+    more, store = train(location, epochs=4)
+    assert [r["epoch"] for r in more] == [1, 2, 3, 4] and more[:2] == first
+    remaining = {f.split("/")[1] for f in remote_files(store) if f.startswith("checkpoints/")}
+    assert remaining == {"epoch-0003", "epoch-0004"}  # keep: 2, pruned in the object store too
+    assert [r["epoch"] for r in json.loads(store.fs.open_input_stream(f"{store.remote}/metrics.json").read())] \
+        == [1, 2, 3, 4]
+
+    pulled = pull_run(s3_store, "s3run", str(tmp_path / "runs"))
+    model, info = load_trained_model(pulled)
+    assert info["epoch"] == 4 and (pulled / "checkpoints" / "epoch-0004" / "meta.json").is_file()
+    assert torch.equal(model.state_dict()[next(iter(model.state_dict()))],
+                       RunStore(pulled).load_model_state()[next(iter(model.state_dict()))])
+
+    store.discard()  # what --fresh does
+    assert remote_files(store) == set()
+
+
+def test_pull_errors_are_one_line(s3_store, tmp_path):
+    with pytest.raises(SpecError, match="no run named 'nope'"):
+        pull_run(s3_store, "nope", str(tmp_path))
+    with pytest.raises(SpecError, match="no run named 'nope'"):
+        pull_run(str(tmp_path / "no-store"), "nope", str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "raybig", "pull", "nope", "--store", s3_store, "--to", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120, env={**os.environ, **S3_ENV})
+    assert proc.returncode == 2 and "no run named 'nope'" in proc.stderr and "Traceback" not in proc.stderr
