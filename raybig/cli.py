@@ -426,15 +426,25 @@ app.add_typer(export_app, name="export")
 @export_app.command("kuberay")
 def export_kuberay(
     spec_path: str = typer.Argument(..., metavar="SPEC"),
+    set_: Optional[list[str]] = SetOption,
     out_dir: str = typer.Option("clusters/kuberay", "--out"),
-    image: Optional[str] = typer.Option(None, help="A Ray image with raybig installed (default: Ray's own)."),
-    store_claim: Optional[str] = typer.Option(None, help="A PersistentVolumeClaim for the model store, at /models."),
+    image: Optional[str] = typer.Option(None, help="An image with raybig installed (default: raybig:VERSION[-gpu], "
+                                        "built from clusters/kuberay/Dockerfile)."),
+    store_claim: Optional[str] = typer.Option(None, help="A PersistentVolumeClaim holding the model store, mounted "
+                                              "at /models (default: raybig-models)."),
+    store: Optional[str] = typer.Option(None, help="An s3:// or gs:// model store instead of a volume."),
+    env_secret: Optional[str] = typer.Option(None, help="A Secret whose keys become environment variables in every "
+                                             "pod (e.g. the object store's credentials)."),
 ):
-    """Write a RayCluster sized for the spec's layout, a RayJob that runs it, and a RayService serving its model."""
+    """Write a RayCluster sized for the spec's layout, a RayJob that trains it, and a RayService serving its model."""
     from raybig.kuberay import export
 
-    spec = _load(spec_path, [])
-    for path in export(spec, spec_path, out_dir, image, store_claim):
+    spec = _load(spec_path, set_)
+    try:
+        written = export(spec, spec_path, out_dir, image, store_claim, store, env_secret, set_)
+    except SpecError as error:
+        _fail(error)
+    for path in written:
         out.print(f"wrote {path}", highlight=False)
 
 
