@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shlex
@@ -39,9 +40,16 @@ def resolve_token(cluster: ClusterSpec | None) -> str:
     return where.read_text().strip()
 
 
+# Ray's client logs every file it leaves out of the upload and every websocket it closes, at INFO
+QUIET_LOGGERS = ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",
+                 "ray._private.runtime_env.packaging")
+
+
 def client(address: str, token: str):
     from ray.job_submission import JobSubmissionClient
 
+    for name in QUIET_LOGGERS:  # after the import: those modules set their own level when loaded
+        logging.getLogger(name).setLevel(logging.WARNING)
     return call(JobSubmissionClient, address, headers={"Authorization": f"Bearer {token}"}, where=address)
 
 
