@@ -19,7 +19,7 @@ def _worker(rank, world, port, raw, store_dir):
     from raybig.data.datasets import load
     from raybig.data.loader import memory_sources
     from raybig.spec import parse_spec
-    from raybig.train.checkpoint import RunStore
+    from raybig.store_io import open_run_store
     from raybig.train.loop import WorkerEnv, fit
 
     torch.set_num_threads(1)
@@ -29,13 +29,14 @@ def _worker(rank, world, port, raw, store_dir):
     spec = parse_spec(raw)
     bundle = load(spec.data)
     train, val = memory_sources(spec, (bundle.train.x, bundle.train.y), (bundle.val.x, bundle.val.y), rank)
-    fit(spec, bundle.meta, WorkerEnv(rank, world, torch.device("cpu"), train, val), RunStore(store_dir))
+    fit(spec, bundle.meta, WorkerEnv(rank, world, torch.device("cpu"), train, val), open_run_store(store_dir))
     if world > 1:
         dist.destroy_process_group()
 
 
 def run_local(raw: dict, store_dir) -> None:
-    """Train `raw` (a spec dict) with data x stages processes; rank 0 writes the run to store_dir."""
+    """Train `raw` (a spec dict) with data x stages processes; rank 0 writes the run to store_dir
+    (a path, or an s3:// / gs:// run location: then every process works in a local copy of its own)."""
     p = raw.get("parallelism", {})
     world = p.get("data", 1) * p.get("pipeline", {}).get("stages", 1)
     if world == 1:

@@ -90,3 +90,20 @@ def test_pull_errors_are_one_line(s3_store, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "raybig", "pull", "nope", "--store", s3_store, "--to", str(tmp_path)],
                           capture_output=True, text=True, cwd=ROOT, timeout=120, env={**os.environ, **S3_ENV})
     assert proc.returncode == 2 and "no run named 'nope'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.timeout(180)
+def test_pipeline_stages_in_separate_processes_meet_in_the_object_store(s3_store, tmp_path):
+    """What several nodes do: each stage writes its part of a checkpoint from its own disk; rank 0 merges."""
+    from multiproc import run_local
+    from test_pipeline import job, losses_and_weights
+
+    pipeline = {"stages": 2, "microbatches": 4, "schedule": "1f1b"}
+    run_local(job(tmp_path, "pp", pipeline=pipeline), join(s3_store, "pp"))
+    run_local(job(tmp_path, "pp", pipeline=pipeline), tmp_path / "pp")  # the same run on one disk
+    pulled = pull_run(s3_store, "pp", str(tmp_path / "pulled"))
+    losses, weights = losses_and_weights(pulled)
+    ref_losses, ref_weights = losses_and_weights(tmp_path / "pp")
+    assert len(losses) == len(ref_losses) >= 5 and weights.keys() == ref_weights.keys()
+    assert (losses == ref_losses).all() and all(torch.equal(weights[k], ref_weights[k]) for k in weights)
+    assert not any(".pending" in str(p) for p in pulled.rglob("*"))
