@@ -320,6 +320,8 @@ def submit(
             raise SpecError("give --store PATH_OR_URI (as the cluster sees it) or a cluster file with a store",
                             "--store")
         check_store(where, "--store")
+        if command not in _command_names():  # the job runs this checkout's raybig: it must know the command
+            raise SpecError(f"this raybig has no `{command}` command to run on the cluster", "--command")
         job_id = submit_job(spec_path, spec.name, url, token, where, set_ or [], command,
                             cluster.pip if cluster else None)
     except SpecError as error:
@@ -330,6 +332,10 @@ def submit(
     out.print(f"follow: raybig jobs logs {job_id} --follow {target}", highlight=False)
     if follow:
         jobs_logs(job_id, cluster_file, address, True)
+
+
+def _command_names() -> set[str]:
+    return {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
 
 
 def _jobs_client(cluster_file, address):

@@ -229,3 +229,12 @@ def test_entrypoints_quote_every_piece():
         entrypoint_args("serve", "jobs/x.yaml", "x", "s3://b/p", [])
     with pytest.raises(SpecError, match="not one of"):
         entrypoint_args("train", "jobs/x.yaml", "x", "/models", [])
+
+
+def test_submit_refuses_a_command_this_raybig_lacks(tmp_path):
+    from raybig.cli import _command_names
+
+    assert {"run", "serve"} <= _command_names()
+    proc = raybig("submit", "jobs/digits_mlp.yaml", "--address", "http://127.0.0.1:9", "--store", "/m",
+                  "--command", "train", env={"RAY_AUTH_TOKEN": "t"})
+    assert proc.returncode == 2 and "no `train` command" in proc.stderr
