@@ -40,16 +40,18 @@ def resolve_token(cluster: ClusterSpec | None) -> str:
     return where.read_text().strip()
 
 
-# Ray's client logs every file it leaves out of the upload and every websocket it closes, at INFO
-QUIET_LOGGERS = ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",
-                 "ray._private.runtime_env.packaging")
+# Ray's client logs every file it leaves out of the upload and every websocket it closes (INFO), and that
+# it now leaves .git out (a WARNING about what PROJECT_EXCLUDES asks anyway)
+QUIET_LOGGERS = {"ray.dashboard.modules.dashboard_sdk": logging.WARNING, "ray.dashboard.modules.job.sdk": logging.WARNING,
+                 "ray._private.runtime_env.packaging": logging.WARNING,
+                 "ray._private.runtime_env.working_dir": logging.ERROR}
 
 
 def client(address: str, token: str):
     from ray.job_submission import JobSubmissionClient
 
-    for name in QUIET_LOGGERS:  # after the import: those modules set their own level when loaded
-        logging.getLogger(name).setLevel(logging.WARNING)
+    for name, level in QUIET_LOGGERS.items():  # after the import: those modules set their own level when loaded
+        logging.getLogger(name).setLevel(level)
     return call(JobSubmissionClient, address, headers={"Authorization": f"Bearer {token}"}, where=address)
 
 
