@@ -59,6 +59,14 @@ def validate(
 
         for line in describe_stages(build_model(spec.model, meta), p.pipeline):
             out.print(f"  {line}", highlight=False)
+    if spec.sweep is not None:
+        from raybig.sweep.driver import expected_trials
+
+        sw = spec.sweep
+        out.print(f"  sweep: {expected_trials(sw)} trial(s), {sw.searcher} search, {sw.scheduler.name} scheduler, "
+                  f"{sw.goal} {sw.metric}, {sw.max_concurrent} at a time", highlight=False)
+        for path, dim in sw.space.items():
+            out.print(f"    {path}: {dim.kind} {dim.args}", highlight=False)
 
 
 @app.command()
@@ -109,6 +117,56 @@ def run(
               + (f" in {outcome.seconds:.0f} s" if outcome.seconds else ""), highlight=False)
     out.print(f"model: {root}/model.safetensors\nrun:   {root}/ (spec.yaml, metrics.json, curves.png, "
               "tensorboard/, checkpoints/)", highlight=False)
+
+
+@app.command()
+def sweep(
+    spec_path: str = typer.Argument(..., metavar="SPEC"),
+    set_: Optional[list[str]] = SetOption,
+    resume: bool = typer.Option(False, help="Continue an interrupted sweep; finished trials are not rerun."),
+    fresh: bool = typer.Option(False, help="Discard this sweep's trials and results and start over."),
+    address: Optional[str] = typer.Option(None, help="Join a running Ray cluster instead of starting an embedded one."),
+    num_cpus: Optional[float] = typer.Option(None, help="Logical CPUs of the embedded Ray (default: this machine's)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Ray's and the workers' own logs."),
+):
+    """Search hyperparameters with Ray Tune (the spec's sweep section); each trial is a full run, and the best
+    trial's model becomes the run runs/<name>."""
+    from rich.table import Table
+
+    from raybig.sweep.driver import run_sweep
+
+    spec = _load(spec_path, set_)
+    if spec.sweep is None:
+        _fail(SpecError("the spec has no sweep section to search (see docs/sweeps.md)", "sweep"))
+    sw = spec.sweep
+    err.print(f"[bold]{spec.name}[/]: {'resuming ' if resume else ''}{sw.searcher} search over "
+              f"{', '.join(sw.space)}; {sw.scheduler.name} scheduler, {sw.max_concurrent} trial(s) at a time, "
+              f"each data x{spec.parallelism.data} pipeline x{spec.parallelism.pipeline.stages}", highlight=False)
+    try:
+        outcome = run_sweep(spec, resume=resume, fresh=fresh, address=address, num_cpus=num_cpus, verbose=verbose,
+                            console=err)
+    except SpecError as error:
+        _fail(error)
+    table = Table(title=f"{len(outcome.rows)} trials", header_style="bold", show_edge=False)
+    columns = ["trial", "status", "epochs", sw.metric, *sw.space, "reason"]
+    for column in columns:
+        table.add_column(column.removeprefix("train."), justify="left" if column == "reason" else "right")
+    for row in outcome.rows:
+        table.add_row(*[f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns])
+    out.print(table)
+    out.print(f"results: {outcome.sweep_dir}/results.parquet (and .csv), plots in {outcome.sweep_dir}/plots/",
+              highlight=False)
+    if outcome.interrupted:
+        err.print(f"[yellow]interrupted[/]: `raybig sweep {spec_path} --resume` continues it; finished trials "
+                  "are kept", highlight=False)
+        raise typer.Exit(130)
+    if outcome.best is None:
+        err.print("[bold red]no trial finished[/]: see the reason column", highlight=False)
+        raise typer.Exit(1)
+    b = outcome.best
+    out.print(f"[green]best[/]: trial {b['trial']}, {sw.metric} {b[sw.metric]:.4f} after {b['epochs']} epochs "
+              f"({', '.join(f'{p}={b[p]}' for p in sw.space)}) in {outcome.seconds:.0f} s", highlight=False)
+    out.print(f"model: {outcome.root}/model.safetensors (serve it: raybig serve {outcome.root})", highlight=False)
 
 
 @app.command("serve")

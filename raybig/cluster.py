@@ -20,18 +20,20 @@ def embedded_cpus(num_cpus: float | None) -> float:
 
 
 @contextmanager
-def ray_session(address: str | None = None, num_cpus: float | None = None, verbose: bool = False):
+def ray_session(address: str | None = None, num_cpus: float | None = None, verbose: bool = False,
+                dashboard: bool = False):
     """Start (and afterwards stop) an embedded Ray, or join one; reuse a Ray this process already runs.
 
     `address="local"` matters: a bare ray.init() would try to join whatever cluster
-    /tmp/ray/ray_current_cluster names, even a dead one.
+    /tmp/ray/ray_current_cluster names, even a dead one. The dashboard (which also serves Ray's state
+    API) costs start-up time and memory, so only sweeps ask for it (see raybig.sweep.driver).
     """
     import ray
 
     if ray.is_initialized():
         yield
         return
-    kwargs = dict(include_dashboard=False, log_to_driver=verbose,
+    kwargs = dict(include_dashboard=dashboard, log_to_driver=verbose,
                   logging_level=logging.INFO if verbose else logging.WARNING)
     if address:
         ray.init(address=address, **kwargs)

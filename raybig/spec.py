@@ -175,6 +175,9 @@ class TrainSpec(Strict):
     regularization: Regularization = Field(default_factory=Regularization)
     lr_schedule: LRSchedule = Field(default_factory=LRSchedule)
     grad_clip: float | None = Field(default=None, gt=0)
+    divergence_factor: float | None = Field(
+        default=100.0, gt=1, description="Stop the run as diverged when an epoch's mean training loss exceeds this "
+        "multiple of the run's first step loss (NaN or infinite losses always stop it); null turns the check off.")
     seed: int = 0
     precision: Literal["fp32", "bf16"] = "fp32"
 
@@ -249,6 +252,106 @@ class ServeSpec(Strict):
     port: int = Field(default=8000, ge=1, le=65535)
 
 
+# ----------------------------------------------------------------------------- sweeps
+class Dimension(Strict):
+    """One axis of a search space: exactly one of these keys."""
+    choice: list[Any] | None = Field(default=None, min_length=1, description="Sample one of these values.")
+    grid: list[Any] | None = Field(default=None, min_length=1, description="Try every one of these values.")
+    uniform: tuple[float, float] | None = Field(default=None, description="[low, high]")
+    loguniform: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] | None = Field(
+        default=None, description="[low, high], both > 0, sampled evenly in log space.")
+    randint: tuple[int, int] | None = Field(default=None, description="[low, high): an integer, high excluded.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [k for k in DIMENSION_KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(DIMENSION_KINDS)}"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        if given[0] in ("uniform", "loguniform", "randint"):
+            low, high = getattr(self, given[0])
+            if not low < high:
+                raise ValueError(f"{given[0]}: low {low} must be below high {high}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in DIMENSION_KINDS if getattr(self, k) is not None)
+
+    @property
+    def args(self):
+        return getattr(self, self.kind)
+
+    def probes(self) -> list[Any]:
+        """Values that stand for the whole axis when checking it against the spec: every listed value,
+        or a range's ends (randint's high is excluded)."""
+        if self.kind in ("choice", "grid"):
+            return list(self.args)
+        low, high = self.args
+        return [low, high - 1] if self.kind == "randint" else [low, high]
+
+
+DIMENSION_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
+
+
+class FifoScheduler(Strict):
+    name: Literal["fifo"]
+
+
+class AshaScheduler(Strict):
+    name: Literal["asha"]
+    grace_period: int = Field(default=1, ge=1, description="Epochs every trial runs before it can be stopped.")
+    reduction_factor: float = Field(default=2.0, gt=1, description="1 / the fraction of trials kept at each rung.")
+
+
+class PbtScheduler(Strict):
+    name: Literal["pbt"]
+    perturbation_interval: int = Field(default=2, ge=1, description="Epochs between exploit/explore steps.")
+    quantile_fraction: float = Field(default=0.25, ge=0, le=0.5,
+                                     description="The bottom fraction copies the top fraction's checkpoint.")
+    resample_probability: float = Field(default=0.25, ge=0, le=1,
+                                        description="Chance to resample a value instead of perturbing it.")
+
+
+SchedulerSpec = Annotated[Union[FifoScheduler, AshaScheduler, PbtScheduler], Field(discriminator="name")]
+METRIC_MODES = {"val_accuracy": "max", "val_f1": "max", "val_precision": "max", "val_recall": "max",
+                "val_loss": "min", "train_loss": "min"}
+
+
+class SweepSpec(Strict):
+    """What `raybig sweep` searches: each trial is a full run of this spec with the sampled values set."""
+    metric: Literal["val_accuracy", "val_f1", "val_precision", "val_recall", "val_loss", "train_loss"] = "val_accuracy"
+    mode: Literal["max", "min"] | None = Field(default=None, description="Default: max for accuracy, F1, precision "
+                                               "and recall; min for losses.")
+    space: dict[str, Dimension] = Field(min_length=1, description="Dotted spec paths (as --set takes them), e.g. "
+                                        "train.optimizer.lr: {loguniform: [1.0e-4, 1.0e-1]}.")
+    searcher: Literal["random", "grid", "optuna"] = Field(
+        default="random", description="random; grid (every combination of choice/grid values once); optuna "
+        "(Bayesian, tree-structured Parzen estimator).")
+    scheduler: SchedulerSpec = Field(default_factory=lambda: FifoScheduler(name="fifo"),
+                                     description="fifo, asha or pbt; a name alone takes the defaults.")
+    trials: int | None = Field(default=None, ge=1, description="Trials to sample (random, optuna; default 8). "
+                               "grid runs each combination once.")
+    max_concurrent: int = Field(default=2, ge=1, description="Trials running at once.")
+    time_budget_s: float | None = Field(default=None, gt=0, description="Stop starting and running trials after this.")
+    seed: int = Field(default=0, description="Seeds the searcher, so the same spec samples the same configs.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scheduler_by_name(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("scheduler"), str):
+            data = {**data, "scheduler": {"name": data["scheduler"]}}
+        return data
+
+    @property
+    def goal(self) -> str:
+        return self.mode or METRIC_MODES[self.metric]
+
+    @property
+    def num_trials(self) -> int:
+        return self.trials or 8
+
+
 class JobSpec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Run name; also its directory in the model store.")
     model: ModelSpec
@@ -260,6 +363,7 @@ class JobSpec(Strict):
     failure: FailureSpec = Field(default_factory=FailureSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     serve: ServeSpec = Field(default_factory=ServeSpec)
+    sweep: SweepSpec | None = Field(default=None, description="Used by `raybig sweep`; `raybig run` ignores it.")
 
     @model_validator(mode="after")
     def _cross_field(self):
@@ -278,12 +382,17 @@ class JobSpec(Strict):
         if is_lm and self.train.loss == "mse":
             problems.append(("train.loss", "the language model trains with cross_entropy"))
         problems += _pipeline_problems(self)
+        if self.sweep is not None and not problems:
+            from raybig.sweep.space import space_problems  # probes the space by parsing specs: needs this class
+
+            problems += space_problems(self)
         if problems:
             raise SpecError(problems)
         return self
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        skip = {"sweep"} if self.sweep is None else None  # a run's stored spec stays free of an empty section
+        return yaml.safe_dump(self.model_dump(mode="json", exclude=skip), sort_keys=False)
 
 
 def _pipeline_problems(spec: "JobSpec") -> list[tuple[str, str]]:
@@ -319,7 +428,7 @@ def _pipeline_problems(spec: "JobSpec") -> list[tuple[str, str]]:
 
 
 # ----------------------------------------------------------------------------- loading
-_TAGS = {"model": "kind", "data": "source", "optimizer": "name"}
+_TAGS = {"model": "kind", "data": "source", "optimizer": "name", "scheduler": "name"}
 
 
 def _union_members(annotated) -> tuple:
@@ -327,7 +436,7 @@ def _union_members(annotated) -> tuple:
 
 
 def _tag_values(field: str) -> list[str]:
-    union = {"model": ModelSpec, "data": DataSpec, "optimizer": OptimizerSpec}[field]
+    union = {"model": ModelSpec, "data": DataSpec, "optimizer": OptimizerSpec, "scheduler": SchedulerSpec}[field]
     return [m.model_fields[_TAGS[field]].annotation.__args__[0] for m in _union_members(union)]
 
 
@@ -416,17 +525,24 @@ def apply_overrides(raw: Any, overrides: list[str]) -> Any:
             value = yaml.safe_load(text)
         except yaml.YAMLError:
             raise SpecError(f"--set {path}: value {text!r} is not valid YAML") from None
-        keys = path.strip().split(".")
-        node = raw
-        for i, key in enumerate(keys[:-1]):
-            child = node.get(key)
-            if child is None:
-                child = {}
-            elif not isinstance(child, dict):
-                raise SpecError(f"{'.'.join(keys[:i + 1])} is a value, not a section", path)
-            node[key] = child = dict(child)
-            node = child
-        node[keys[-1]] = value
+        raw = set_path(raw, path.strip(), value)
+    return raw
+
+
+def set_path(raw: dict, path: str, value: Any) -> dict:
+    """A copy of `raw` with the field at dotted `path` set to `value` (sections on the way are created)."""
+    raw = dict(raw or {})
+    keys = path.split(".")
+    node = raw
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = {}
+        elif not isinstance(child, dict):
+            raise SpecError(f"{'.'.join(keys[:i + 1])} is a value, not a section", path)
+        node[key] = child = dict(child)
+        node = child
+    node[keys[-1]] = value
     return raw
 
 

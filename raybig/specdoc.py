@@ -22,6 +22,9 @@ SECTIONS = [
     ("resources", S.ResourcesSpec, "resources"), ("checkpoint", S.CheckpointSpec, "checkpoint"),
     ("failure", S.FailureSpec, "failure"), ("output", S.OutputSpec, "output"),
     ("serve", S.ServeSpec, "serve"), ("serve.autoscaling", S.AutoscalingSpec, "serve.autoscaling"),
+    ("sweep", S.SweepSpec, "sweep"), ("sweep.space.PATH (one axis)", S.Dimension, "sweep.space.PATH"),
+    *[(f"sweep.scheduler: name {m.model_fields['name'].annotation.__args__[0]}", m, "sweep.scheduler")
+      for m in (S.FifoScheduler, S.AshaScheduler, S.PbtScheduler)],
 ]
 
 

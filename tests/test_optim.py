@@ -111,3 +111,12 @@ def test_penalty_skips_biases_and_positions():
 def test_a_diverging_run_stops_with_a_clear_reason(tmp_path):
     with pytest.raises(FloatingPointError, match="diverged"):
         train_locally(tmp_path, optimizer={"name": "sgd", "lr": 1.0e20})  # the loss overflows to NaN
+
+
+def test_a_loss_that_explodes_but_stays_finite_is_divergence_too(tmp_path):
+    # sgd at lr 1e4 sends the loss to ~1e12 in the first epoch, then kills the ReLUs: finite, and useless
+    with pytest.raises(FloatingPointError, match=r"rose to .*divergence_factor 100 x"):
+        train_locally(tmp_path / "a", epochs=1, optimizer={"name": "sgd", "lr": 1.0e4})
+    history, _ = train_locally(tmp_path / "b", epochs=1, optimizer={"name": "sgd", "lr": 1.0e4},
+                               divergence_factor=None)  # the check can be turned off
+    assert history[0]["train_loss"] > 100 * history[0]["step_losses"][0]

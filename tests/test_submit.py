@@ -112,6 +112,21 @@ def test_a_submitted_spec_trains_on_the_cluster_into_an_object_store_and_is_pull
     assert logs.returncode == 0 and "done: val accuracy" in logs.stdout
 
 
+def test_a_sweep_is_submitted_like_a_run(head):
+    import pandas as pd
+
+    proc = raybig("submit", "jobs/digits_sweep.yaml", "--cluster", head["file"], "--command", "sweep",
+                  "--set", "train.epochs=1", "--set", "parallelism.data=1", "--set", "sweep.trials=2",
+                  "--set", "sweep.max_concurrent=1", "--set", "sweep.scheduler=fifo", "--follow")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "best: trial" in proc.stdout  # the job's own output, streamed
+    run = head["store"] / "digits-sweep"
+    results = pd.read_csv(run / "sweep" / "results.csv")
+    assert len(results) == 2 and set(results.status) == {"completed"}
+    assert (run / "model.safetensors").is_file() and yaml.safe_load((run / "spec.yaml").read_text())["name"] == \
+        "digits-sweep"
+
+
 def test_a_long_job_is_stopped(head):
     proc = raybig("submit", "jobs/digits_mlp.yaml", "--cluster", head["file"], "--set", "train.epochs=2000",
                   "--set", "name=long-job")

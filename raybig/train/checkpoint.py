@@ -5,8 +5,8 @@
       model.safetensors         the newest weights (what serving and fine-tuning load)
       model.json                the model's kind, data shape/classes/vocab, epoch and metrics
       metrics.json              one record per finished epoch
-      checkpoints/epoch-0003/   model.safetensors (merged), part-K.safetensors and part-K-trainer.pt
-                                per pipeline rank K, meta.json
+      checkpoints/epoch-0003/   model.safetensors (merged) and its model.json, part-K.safetensors and
+                                part-K-trainer.pt per pipeline rank K, meta.json
 
 Writes go to a temporary name first and are renamed into place, so a crash mid-write never
 damages the last good checkpoint. Loading never unpickles arbitrary objects: weights are
@@ -74,6 +74,7 @@ class RunStore:
         for part in sorted(pending.glob("part-*.safetensors")):
             model_state.update(load_file(str(part)))
         save_file(model_state, str(pending / "model.safetensors"))
+        (pending / "model.json").write_text(json.dumps(info, indent=1))  # a checkpoint can be published alone
         (pending / "meta.json").write_text(json.dumps(meta, indent=1))
         final = self.checkpoints / f"{CHECKPOINT_PREFIX}{meta['epoch']:04d}"
         if final.exists():  # the same epoch again after a restart: replace it

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from raybig.models import build_model
 from raybig.train.checkpoint import RunStore
 from raybig.train.metrics import confusion, from_confusion
-from raybig.train.optim import add_penalty_gradients, build_optimizer, build_scheduler, penalized_weights
+from raybig.train.optim import (add_penalty_gradients, apply_spec_hyperparameters, build_optimizer, build_scheduler,
+                                penalized_weights)
 from raybig.train.parallel import clip_grad_norm, load_state, parallelize, parameters, state_dict
 
 
@@ -92,11 +93,13 @@ def fit(spec, meta, env: WorkerEnv, store: RunStore) -> list[dict]:
     if latest is not None:
         model_state, trainer_state, ckpt_meta = RunStore.load_checkpoint(latest, part=layout.mesh.pp_index)
         load_state(layout, model_state)
-        if trainer_state is not None and ckpt_meta.get("layout") == _layout_key(spec):
+        same_optimizer = ckpt_meta.get("optimizer", t.optimizer.name) == t.optimizer.name
+        if trainer_state is not None and ckpt_meta.get("layout") == _layout_key(spec) and same_optimizer:
             optimizer.load_state_dict(trainer_state["optimizer"])
             scheduler.load_state_dict(trainer_state["scheduler"])
-        else:  # weights are layout-free; optimizer state is per stage, so a new layout starts it afresh
+        else:  # weights are layout-free; optimizer state is per stage (and per optimizer): start it afresh
             scheduler.last_epoch = ckpt_meta["step"]
+        apply_spec_hyperparameters(optimizer, scheduler, t.optimizer)
         start_epoch, step, history = ckpt_meta["epoch"], ckpt_meta["step"], ckpt_meta["history"]
     weights = [w for module in layout.local for w in penalized_weights(module)]
     attempt = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -137,15 +140,26 @@ def fit(spec, meta, env: WorkerEnv, store: RunStore) -> list[dict]:
             "attempt": attempt,
             "step_losses": step_losses.tolist(),
         }
-        if not math.isfinite(record["train_loss"]):
-            raise FloatingPointError(f"the training loss is {record['train_loss']} at epoch {epoch}: the run "
-                                     "diverged (a lower train.optimizer.lr may help)")
+        _stop_if_diverged(record, history, t.divergence_factor)
         record["peak_rss_mb"] = _peak_rss_per_rank(env)
         record["epoch_seconds"] = time.perf_counter() - started
         history.append(record)
         _save(spec, meta, store, layout, optimizer, scheduler, record, history, env)
         env.report({k: v for k, v in record.items() if k != "step_losses"})
     return history
+
+
+def _stop_if_diverged(record: dict, history: list[dict], factor: float | None) -> None:
+    """A NaN or infinite loss, or one that rose far above where the run started: training cannot recover, and
+    a sweep should record the trial as diverged rather than spend epochs on it."""
+    loss, epoch = record["train_loss"], record["epoch"]
+    hint = "the run diverged (a lower train.optimizer.lr may help)"
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"the training loss is {loss} at epoch {epoch}: {hint}")
+    first = (history[0] if history else record)["step_losses"][0]
+    if factor and math.isfinite(first) and first > 0 and loss > factor * first:
+        raise FloatingPointError(f"the training loss rose to {loss:.3g} at epoch {epoch}, over "
+                                 f"train.divergence_factor {factor:g} x its first step's {first:.3g}: {hint}")
 
 
 def _peak_rss_per_rank(env: WorkerEnv) -> list[float]:
@@ -186,7 +200,8 @@ def _save(spec, meta, store: RunStore, layout, optimizer, scheduler, record, his
                     "model": spec.model.model_dump(mode="json"),
                     "metrics": {k: v for k, v in record.items() if k != "step_losses"}}
             store.finish_checkpoint(pending, {"epoch": epoch, "step": record["step"], "history": history,
-                                              "layout": _layout_key(spec)}, info, keep=spec.checkpoint.keep)
+                                              "layout": _layout_key(spec), "optimizer": spec.train.optimizer.name,
+                                              "run": spec.name}, info, keep=spec.checkpoint.keep)
     if env.rank == 0:
         store.write_history(history)
         if env.progress:

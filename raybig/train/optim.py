@@ -66,3 +66,15 @@ def build_scheduler(optimizer, schedule, steps_per_epoch: int, epochs: int):
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def apply_spec_hyperparameters(optimizer: torch.optim.Optimizer, scheduler, opt) -> None:
+    """A loaded optimizer state carries the learning rate and coefficients it was saved with; the spec's
+    values win, so a resumed run whose lr was edited, or a PBT trial that perturbed its donor's lr and
+    weight decay, trains with what its spec says. The scheduler's position is kept."""
+    spec_values = build_optimizer([torch.zeros(1, requires_grad=True)], opt).defaults
+    scheduler.base_lrs = [opt.lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group.update({k: v for k, v in spec_values.items() if k in group})
+        group["initial_lr"] = opt.lr
+        group["lr"] = opt.lr * factor(scheduler.last_epoch)

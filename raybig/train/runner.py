@@ -87,7 +87,9 @@ def prepare_store(spec: JobSpec, fresh: bool) -> tuple[RunStore, int]:
 
 
 def run(spec: JobSpec, *, address: str | None = None, num_cpus: float | None = None, fresh: bool = False,
-        verbose: bool = False, console=None) -> RunOutcome:
+        verbose: bool = False, console=None, on_item=None) -> RunOutcome:
+    """Train `spec` to its last epoch. Progress (steps, finished epochs) goes to a live view on `console`,
+    or to `on_item(item)` when given (a sweep trial relays finished epochs to Ray Tune)."""
     from raybig.cluster import cluster_cpus, embedded_cpus, ray_session
     from raybig.train.progress import ProgressView, write_curves
 
@@ -103,8 +105,11 @@ def run(spec: JobSpec, *, address: str | None = None, num_cpus: float | None = N
     with ray_session(address, num_cpus, verbose):
         if address:
             check_plan(spec, meta, cluster_cpus())
-        view = ProgressView(spec, console, resumed_from=done)
-        _fit(spec, bundle, loader, store, view, verbose)
+        if on_item is not None:
+            _fit(spec, bundle, loader, store, on_item)
+        else:
+            with ProgressView(spec, console, resumed_from=done) as view:
+                _fit(spec, bundle, loader, store, view.handle)
     history = store.history()
     write_curves(store.root, history)
     store.saved("curves.png", "tensorboard")
@@ -145,7 +150,7 @@ def pick_loader(spec: JobSpec, bundle) -> str:
     return "memory" if spec.parallelism.pipeline.stages > 1 else choose_loader(spec.data.loader, bundle.nbytes)
 
 
-def _fit(spec: JobSpec, bundle, loader: str, store: RunStore, view, verbose: bool) -> None:
+def _fit(spec: JobSpec, bundle, loader: str, store: RunStore, handle) -> None:
     import ray
 
     from raybig.train.progress import ProgressBoard
@@ -161,14 +166,13 @@ def _fit(spec: JobSpec, bundle, loader: str, store: RunStore, view, verbose: boo
             error.append(err)
 
     thread = threading.Thread(target=target, name="raybig-fit", daemon=True)
-    with view:
-        thread.start()
-        while thread.is_alive():
-            thread.join(timeout=0.5)
-            for item in ray.get(board.drain.remote()):
-                view.handle(item)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)
         for item in ray.get(board.drain.remote()):
-            view.handle(item)
+            handle(item)
+    for item in ray.get(board.drain.remote()):
+        handle(item)
     if error:
         from raybig.cluster import logs_dir
 

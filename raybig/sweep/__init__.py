@@ -1,0 +1,1 @@
+"""Hyperparameter sweeps: Ray Tune over full raybig runs (see driver.py)."""

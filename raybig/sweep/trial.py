@@ -1,0 +1,90 @@
+"""One sweep trial: a full raybig run (its own TorchTrainer and layout) of the base spec with the sampled
+values set, inside a Ray Tune trial.
+
+Each finished epoch is reported to Tune with a copy of that epoch's checkpoint, so schedulers act per
+epoch and a trial can be continued from a checkpoint: its own after an interrupted sweep resumes, or a
+better trial's when PBT exploits. Either way the trial's model store is rebuilt from that checkpoint
+before training, so the store and Tune agree on where the trial stands.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from raybig.sweep.space import clip_to_space, trial_spec
+from raybig.train.checkpoint import CHECKPOINT_PREFIX, RunStore
+
+# Reported to Tune for every epoch: scalars only (per-step losses and per-rank lists stay in the store).
+REPORTED = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1", "lr",
+            "samples_per_s", "epoch_seconds")
+
+
+def run_trial(config: dict, *, base: dict, space: dict, root: str) -> None:
+    """The Tune trainable. `space` is the sweep's space (for clipping PBT's perturbations), `root` the
+    sweep's directory; the trial's run lives in root/trials/<trial id>/."""
+    from ray import tune
+
+    from raybig.cluster import cluster_cpus
+    from raybig.train.runner import run
+
+    trial_id = tune.get_context().get_trial_id()
+    spec = trial_spec(base, clip_to_space(config, space), f"{base['name']}-{trial_id}", str(Path(root) / "trials"))
+    store = RunStore(Path(spec.output.dir) / spec.name)
+    store.discard()  # a trial starts from Tune's checkpoint or from scratch, never from leftovers
+    restored = tune.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as directory:
+            history = _install(Path(directory), store)
+        store.write_spec(spec.to_yaml())
+        if history[-1]["epoch"] >= spec.train.epochs:  # PBT handed it a finished model: that is its result
+            _report(history[-1], store)
+            return
+
+    def relay(item: dict) -> None:
+        if item["type"] == "epoch":
+            _report(item, store)
+
+    run(spec, num_cpus=cluster_cpus(), on_item=relay)
+
+
+def _install(checkpoint: Path, store: RunStore) -> list[dict]:
+    """Make `checkpoint` (a copy of some trial's epoch checkpoint) this store's only checkpoint and its
+    published model; returns the history it carries."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    target = store.checkpoints / f"{CHECKPOINT_PREFIX}{meta['epoch']:04d}"
+    shutil.copytree(checkpoint, target)
+    store.write_history(meta["history"])
+    if (target / "model.json").is_file():
+        info = json.loads((target / "model.json").read_text())
+        store.publish_model(load_file(str(target / "model.safetensors")), {**info, "name": store.root.name})
+    # where this trial's weights came from: itself after a resume, another trial when PBT exploited it
+    (store.root / "restored.json").write_text(json.dumps({"run": meta.get("run"), "epoch": meta["epoch"]}))
+    return meta["history"]
+
+
+def _report(record: dict, store: RunStore) -> None:
+    from ray import tune
+
+    metrics = {k: record[k] for k in REPORTED if k in record}
+    source = store.checkpoints / f"{CHECKPOINT_PREFIX}{record['epoch']:04d}"
+    with tempfile.TemporaryDirectory(prefix="raybig-trial-") as tmp:
+        copy = Path(tmp) / "checkpoint"
+        if _copy_whole(source, copy):
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(copy)))
+        else:  # no checkpoint this epoch (checkpoint.every_epochs), or the store pruned it already
+            tune.report(metrics)
+
+
+def _copy_whole(source: Path, copy: Path) -> bool:
+    """Copy a checkpoint while training goes on; the store prunes old epochs as it goes, so a copy counts
+    only if the checkpoint was still whole afterwards."""
+    try:
+        shutil.copytree(source, copy)
+    except (FileNotFoundError, shutil.Error):
+        return False
+    names = lambda d: sorted(p.name for p in d.iterdir()) if d.is_dir() else None  # noqa: E731
+    return (copy / "meta.json").is_file() and names(source) == names(copy)

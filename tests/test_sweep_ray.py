@@ -1,0 +1,255 @@
+"""Sweeps on a real local Ray: every trial a full TorchTrainer run, ASHA, a diverging trial, an interrupted
+sweep resumed, the best model registered as a normal run and served over real HTTP."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from conftest import RAY_CPUS
+from raybig.data.datasets import load
+from raybig.spec import load_spec, parse_spec
+from raybig.train.checkpoint import load_trained_model
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
+
+
+# ----------------------------------------------------------------------------- interrupted, then resumed
+def small_sweep(tmp_path) -> Path:
+    """Four one-worker trials, one at a time; the second one's lr makes it diverge."""
+    raw = {
+        "name": "resumable",
+        "model": {"kind": "mlp", "hidden": [64]},
+        "data": {"source": "digits"},
+        "train": {"epochs": 3, "batch_size": 64, "optimizer": {"name": "sgd", "lr": 0.05}, "seed": 0},
+        "output": {"dir": str(tmp_path / "runs")},
+        "sweep": {"searcher": "grid", "max_concurrent": 1,
+                  "space": {"train.optimizer.lr": {"grid": [0.05, 1.0e4, 0.1, 0.02]}}},
+    }
+    path = tmp_path / "resumable.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def sweep_process(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "raybig", "sweep", *args, "--num-cpus", str(RAY_CPUS)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def ended_trials(lines: list[str]) -> list[str]:
+    return [line.split()[1] for line in lines if line.startswith("trial ") and (" finished:" in line or " failed:" in line)]
+
+
+@pytest.fixture(scope="module")
+def no_ray_in_this_process():
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()  # the sweep below starts its own Ray; never two at once
+
+
+def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(no_ray_in_this_process, tmp_path):
+    spec_path = small_sweep(tmp_path)
+    proc = sweep_process(str(spec_path))
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
+    reader.start()
+    deadline = time.time() + 400
+    while len(ended_trials(lines)) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    assert len(ended_trials(lines)) >= 2, "".join(lines)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C, to the driver only
+    stdout, _ = proc.communicate(timeout=180)
+    reader.join(timeout=10)
+    assert proc.returncode == 130, "".join(lines) + stdout
+    assert "--resume" in "".join(lines)
+
+    sweep_dir = tmp_path / "runs" / "resumable" / "sweep"
+    first = pd.read_csv(sweep_dir / "results.csv")
+    ended = first[first.status.isin(["completed", "diverged", "failed"])]
+    assert len(ended) >= 2 and len(ended) < 4, first
+    stamps = {t: (sweep_dir / "trials" / f"resumable-{t}" / "spec.yaml").stat().st_mtime_ns for t in ended.trial}
+
+    again = sweep_process(str(spec_path))  # without --resume the existing sweep is protected
+    assert again.wait(timeout=120) == 2 and "--resume" in again.stderr.read()
+
+    resumed = sweep_process(str(spec_path), "--resume")
+    out, err = resumed.communicate(timeout=500)
+    assert resumed.returncode == 0, out + err
+    final = pd.read_csv(sweep_dir / "results.csv").set_index("trial")
+    assert len(final) == 4  # the same four trials, none added
+    for trial, stamp in stamps.items():  # finished ones were not run again
+        assert (sweep_dir / "trials" / f"resumable-{trial}" / "spec.yaml").stat().st_mtime_ns == stamp
+        assert final.loc[trial, "status"] == first.set_index("trial").loc[trial, "status"]
+
+    # the diverging trial is recorded with its reason, and the sweep went on
+    diverged = final[final["train.optimizer.lr"] == 1.0e4]
+    assert list(diverged.status) == ["diverged"]
+    assert "diverged" in diverged.reason.iloc[0] and "training loss" in diverged.reason.iloc[0]
+    others = final[final["train.optimizer.lr"] != 1.0e4]
+    assert list(others.status) == ["completed"] * 3 and (others.epochs == 3).all()
+    best = json.loads((sweep_dir / "best.json").read_text())
+    assert best["trial"] == others["val_accuracy"].idxmax()
+
+
+# ----------------------------------------------------------------------------- the shipped sweep, with ASHA
+@pytest.fixture(scope="module")
+def ray_with_dashboard():
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    # the dashboard serves the state API that frees the placement groups of stopped trials (see driver.py)
+    ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=True, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def digits_sweep(ray_with_dashboard, tmp_path_factory):
+    from rich.console import Console
+
+    from raybig.sweep.driver import run_sweep
+
+    out = tmp_path_factory.mktemp("sweep")
+    spec = load_spec(JOBS / "digits_sweep.yaml", [f"output.dir={out}"])
+    outcome = run_sweep(spec, num_cpus=RAY_CPUS, console=Console(stderr=True, width=160))
+    return spec, outcome
+
+
+def test_asha_sweep_finishes_its_trials_and_stops_some_early(digits_sweep):
+    spec, outcome = digits_sweep
+    assert not outcome.interrupted
+    rows = outcome.rows
+    assert len(rows) == spec.sweep.num_trials >= 8
+    finished = [r for r in rows if r["status"] in ("completed", "stopped")]
+    assert len(finished) >= 8, rows
+    stopped = [r for r in rows if r["status"] == "stopped"]
+    assert stopped and all(r["epochs"] < spec.train.epochs for r in stopped)
+    assert any(r["status"] == "completed" and r["epochs"] == spec.train.epochs for r in rows)
+    assert len({r["train.optimizer.name"] for r in rows}) >= 3  # the optimizers really vary
+
+
+def test_results_table_and_plots(digits_sweep):
+    spec, outcome = digits_sweep
+    table = pd.read_parquet(outcome.sweep_dir / "results.parquet")
+    assert sorted(table.trial) == sorted(r["trial"] for r in outcome.rows)
+    for column in ("status", "reason", "epochs", "val_accuracy", *spec.sweep.space):
+        assert column in table.columns
+    assert (pd.read_csv(outcome.sweep_dir / "results.csv").epochs == table.epochs).all()
+    plots = sorted(p.name for p in (outcome.sweep_dir / "plots").glob("*.png"))
+    assert "val_accuracy_per_epoch.png" in plots
+    assert {f"val_accuracy_vs_{p}.png" for p in spec.sweep.space} <= set(plots)
+    # each trial is a full run of its own, with its sampled values in its resolved spec
+    row = outcome.rows[0]
+    trial_spec = parse_spec(yaml.safe_load(
+        (outcome.sweep_dir / "trials" / f"{spec.name}-{row['trial']}" / "spec.yaml").read_text()))
+    assert trial_spec.train.optimizer.name == row["train.optimizer.name"]
+    assert trial_spec.train.optimizer.lr == pytest.approx(row["train.optimizer.lr"])
+    assert trial_spec.parallelism.data == spec.parallelism.data == 2
+
+
+def test_the_best_model_reaches_95_percent_and_is_a_normal_run(digits_sweep):
+    spec, outcome = digits_sweep
+    best = outcome.best
+    assert best is not None and best["val_accuracy"] >= 0.95
+    assert best["val_accuracy"] == max(r["val_accuracy"] for r in outcome.rows if r["status"] != "failed")
+    stored = parse_spec(yaml.safe_load((outcome.root / "spec.yaml").read_text()))
+    assert stored.name == spec.name and stored.sweep is None
+    assert stored.train.optimizer.name == best["train.optimizer.name"]
+    model, info = load_trained_model(outcome.root)
+    assert info["name"] == spec.name and info["epoch"] == best["epochs"]
+    bundle = load(spec.data)
+    with torch.no_grad():
+        accuracy = (model(torch.as_tensor(bundle.val.x)).argmax(-1).numpy() == bundle.val.y).mean()
+    assert accuracy == pytest.approx(best["val_accuracy"], abs=1e-9)
+
+
+def test_raybig_serve_takes_the_best_model_as_it_is(digits_sweep):
+    from ray import serve
+
+    from raybig.serve.app import entry_from_arg, start
+
+    spec, outcome = digits_sweep
+    entry = entry_from_arg(str(outcome.root))
+    assert entry.name == spec.name
+    url = start([entry], "127.0.0.1", 8433)
+    try:
+        x = load(spec.data).val.x[:8]
+        request = urllib.request.Request(f"{url}/v1/models/{spec.name}/predict",
+                                         data=json.dumps({"inputs": x.tolist()}).encode(),
+                                         headers={"content-type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            got = [p["label"] for p in json.loads(reply.read())["predictions"]]
+    finally:
+        serve.shutdown()
+    model, _ = load_trained_model(outcome.root)
+    with torch.no_grad():
+        assert got == model(torch.as_tensor(x)).argmax(-1).tolist()
+
+
+def test_no_trial_keeps_its_workers_cpus(digits_sweep):
+    import ray
+
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        live = [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+        free = ray.available_resources().get("CPU", 0)
+        if not live and free == pytest.approx(RAY_CPUS):
+            break
+        time.sleep(1)
+    assert not live, live
+    assert free == pytest.approx(RAY_CPUS)
+
+
+# ----------------------------------------------------------------------------- PBT and the Bayesian searcher
+def quick_sweep(tmp_path, name, epochs, **sweep):
+    return parse_spec({
+        "name": name, "model": {"kind": "mlp", "hidden": [64]}, "data": {"source": "digits"},
+        "train": {"epochs": epochs, "batch_size": 64, "optimizer": {"name": "sgd", "lr": 0.05}, "seed": 0},
+        "output": {"dir": str(tmp_path / "runs")}, "sweep": sweep})
+
+
+def test_pbt_continues_weak_trials_from_strong_trials_checkpoints(ray_with_dashboard, tmp_path):
+    from raybig.sweep.driver import run_sweep
+
+    spec = quick_sweep(tmp_path, "pbt", 4, trials=4, max_concurrent=2, seed=1,
+                       scheduler={"name": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5},
+                       space={"train.optimizer.lr": {"loguniform": [1e-4, 0.3]},
+                              "train.regularization.l2": {"loguniform": [1e-6, 1e-3]}})
+    outcome = run_sweep(spec, num_cpus=RAY_CPUS)
+    rows = {r["trial"]: r for r in outcome.rows}
+    assert len(rows) == 4 and all(r["status"] == "completed" for r in rows.values()), rows
+    exploited = [r for r in rows.values() if r["restored_from"] and not r["restored_from"].startswith(
+        f"pbt-{r['trial']}@")]
+    assert exploited, rows  # some trial went on from another trial's weights
+    for row in exploited:  # ... with its own (perturbed) hyperparameters, inside the space's range
+        trial_spec = parse_spec(yaml.safe_load(
+            (outcome.sweep_dir / "trials" / f"pbt-{row['trial']}" / "spec.yaml").read_text()))
+        assert 1e-4 <= trial_spec.train.optimizer.lr <= 0.3
+        history = json.loads((outcome.sweep_dir / "trials" / f"pbt-{row['trial']}" / "metrics.json").read_text())
+        assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert outcome.best is not None and (outcome.root / "model.safetensors").is_file()
+
+
+def test_the_bayesian_searcher_runs_trials(ray_with_dashboard, tmp_path):
+    from raybig.sweep.driver import run_sweep
+
+    spec = quick_sweep(tmp_path, "bayes", 1, trials=3, max_concurrent=2, searcher="optuna",
+                       space={"train.optimizer.lr": {"loguniform": [1e-3, 0.3]},
+                              "train.optimizer.name": {"choice": ["sgd", "adam"]}})
+    outcome = run_sweep(spec, num_cpus=RAY_CPUS)
+    assert len(outcome.rows) == 3 and all(r["status"] == "completed" for r in outcome.rows)
+    assert len({r["train.optimizer.lr"] for r in outcome.rows}) == 3
+    assert outcome.best["val_accuracy"] == max(r["val_accuracy"] for r in outcome.rows)
