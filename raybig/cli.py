@@ -147,6 +147,9 @@ def sweep(
                             console=err)
     except SpecError as error:
         _fail(error)
+    except KeyboardInterrupt:  # before Tune took over Ctrl-C (starting Ray) or after it let go (writing results)
+        err.print(f"[yellow]interrupted[/]: `raybig sweep {spec_path} --resume` continues it", highlight=False)
+        raise typer.Exit(130)
     table = Table(title=f"{len(outcome.rows)} trials", header_style="bold", show_edge=False)
     columns = ["trial", "status", "epochs", sw.metric, *sw.space, "reason"]
     for column in columns:

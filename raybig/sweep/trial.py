@@ -86,5 +86,8 @@ def _copy_whole(source: Path, copy: Path) -> bool:
         shutil.copytree(source, copy)
     except (FileNotFoundError, shutil.Error):
         return False
-    names = lambda d: sorted(p.name for p in d.iterdir()) if d.is_dir() else None  # noqa: E731
-    return (copy / "meta.json").is_file() and names(source) == names(copy)
+    return (copy / "meta.json").is_file() and _names(source) == _names(copy)
+
+
+def _names(directory: Path) -> list[str] | None:
+    return sorted(p.name for p in directory.iterdir()) if directory.is_dir() else None
