@@ -4,12 +4,16 @@ Trains nothing heavy: an MLP 64-1024-1024-10 gets one epoch on digits, then both
 For each concurrency (1, 8, 32) N clients POST one sample each for T seconds; prints requests/s, p50,
 p99 and raybig's ratios to the bare server.
 
-    python benchmarks/serve_load.py [--seconds 10] [--concurrency 1 8 32]
+raybig is loaded where `raybig serve` says it is fastest: the replica's own port (Serve's direct ingress);
+`--via proxy` sends the load through Serve's HTTP proxy (the port given with --port) instead.
+
+    python benchmarks/serve_load.py [--seconds 10] [--concurrency 1 8 32] [--via direct|proxy]
 """
 import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -44,7 +48,7 @@ def train(root: Path) -> Path:
     return store.root
 
 
-def wait_healthy(url: str, proc, timeout: float = 180) -> None:
+def wait_healthy(url: str, proc, timeout: float = 60) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -85,9 +89,19 @@ async def load(url: str, concurrency: int, seconds: float) -> dict:
     return {"rps": len(latencies) / elapsed, "p50": q(0.5), "p99": q(0.99), "errors": errors}
 
 
+def direct_url(proc) -> str:
+    """The first replica address `raybig serve` prints on its "direct to a replica" line."""
+    for line in proc.stdout:
+        if line.startswith("direct"):
+            return re.findall(r"http://\S+", line)[0]
+    raise RuntimeError(f"raybig serve printed no direct address (exit code {proc.wait()})")
+
+
 def measure(name: str, cmd: list[str], base: str, args) -> dict:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True, text=True)
     try:
+        if name == "raybig" and args.via == "direct":
+            base = direct_url(proc)
         wait_healthy(base, proc)
         asyncio.run(load(f"{base}/v1/models/bench-mlp/predict", 4, 2))  # warm-up
         return {c: asyncio.run(load(f"{base}/v1/models/bench-mlp/predict", c, args.seconds)) for c in args.concurrency}
@@ -104,6 +118,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--port", type=int, default=8433)
+    parser.add_argument("--via", choices=["direct", "proxy"], default="direct",
+                        help="raybig: a replica's direct-ingress port, or Serve's HTTP proxy")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = train(Path(tmp))
@@ -111,7 +127,7 @@ def main() -> None:
                                 str(args.port + 1)], f"http://127.0.0.1:{args.port + 1}", args)
         ours = measure("raybig", [sys.executable, "-m", "raybig", "serve", str(run_dir), "--port", str(args.port),
                                   "--num-cpus", "2"], f"http://127.0.0.1:{args.port}", args)
-    print("MLP 64-1024-1024-10, one sample per request, loopback")
+    print(f"MLP 64-1024-1024-10, one sample per request, loopback; raybig via {args.via}")
     print(f"{'c':>3} {'bare rps':>9} {'p50 ms':>7} {'p99 ms':>7} {'raybig rps':>11} {'p50 ms':>7} {'p99 ms':>7} "
           f"{'rps ratio':>10} {'p99/p50':>8} {'errors':>7}")
     for c in args.concurrency:

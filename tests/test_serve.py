@@ -38,7 +38,7 @@ def server(ray_local, tmp_path_factory, monkeypatch_module):
 
     from raybig.serve.app import entry_from_arg, start
 
-    monkeypatch_module.setenv("RAYBIG_TEST_TOKEN", TOKEN)  # read by the gateway replica, started below
+    monkeypatch_module.setenv("RAYBIG_TEST_TOKEN", TOKEN)  # read by `start` below, which hands the token to the replicas
     out = tmp_path_factory.mktemp("serve")
     _, v1 = train_locally(out / "v1", epochs=2, optimizer={"name": "adam", "lr": 2e-3})
     _, v2 = train_locally(out / "v2", epochs=1, seed=1, optimizer={"name": "sgd", "lr": 0.1})
@@ -155,6 +155,19 @@ def test_concurrent_requests_are_batched(server):
     after = {c["version"]: c["batching"] for c in call(f"{server['url']}/v1/models")[1] if c["name"] == "digits"}
     assert after["v2"]["requests"] - before["v2"]["requests"] == 48
     assert after["v2"]["largest_batch"] > 1  # several requests shared one forward pass
+
+
+def test_replicas_answer_directly_without_the_proxy(server):
+    """Serve's direct ingress (on under raybig's throughput profile): the replica's own port is the same app."""
+    from raybig.serve.app import direct_urls
+
+    urls = [u for u in direct_urls("127.0.0.1") if u != server["url"]]
+    assert urls, "no direct-ingress address: is RAY_SERVE_THROUGHPUT_OPTIMIZED set before Ray starts?"
+    x, _ = val_samples(3)
+    status, reply = call(f"{urls[0]}/v1/models/digits/predict?version=v2", {"inputs": x.tolist()})
+    via_proxy = call(f"{server['url']}/v1/models/digits/predict?version=v2", {"inputs": x.tolist()})[1]
+    assert status == 200 and reply == via_proxy
+    assert call(f"{urls[0]}/v1/models/digits/predict", {"inputs": x.tolist()}, token=None)[0] == 401
 
 
 def test_language_model_generates(server):

@@ -1,1 +1,1 @@
-"""Serve finished runs over HTTP with Ray Serve: a FastAPI gateway in front of one deployment per model version."""
+"""Serve finished runs over HTTP with Ray Serve: one ingress deployment holding every model version, batching in-process."""

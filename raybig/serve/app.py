@@ -1,30 +1,40 @@
-"""The HTTP side: a FastAPI gateway (Serve ingress) that validates requests and routes them to the
-deployment of the requested model version.
+"""The HTTP side: one Serve ingress deployment that validates requests and answers them with the model
+versions it holds in memory.
 
-Versions are separate deployments rather than Serve model multiplexing: each version keeps its weights
-loaded, its own replicas and autoscaling, and a request never waits for a model to be swapped in.
-Multiplexing pays off for many rarely-used models sharing replicas; a handful of versions does not need it.
+Why one deployment and not a gateway in front of a deployment per version: every hop between Serve
+processes cost milliseconds on a small machine, where the forward pass of a served model takes well under
+one (docs/benchmarks.md: 0.19x of a bare FastAPI process through proxy, gateway and replica). So each
+replica holds every version, batches each version's requests in-process (@serve.batch, one queue per
+version) and, with Serve's direct ingress, takes HTTP itself: a request never leaves the process that
+parses it. The price: all versions share one deployment's replicas and autoscaling (a handful of small
+versions fits in one replica's memory); many large or rarely used versions would call for Serve's model
+multiplexing instead.
 """
 
+import asyncio
 import hmac
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import orjson
+import ray
+import torch
 import yaml
-from fastapi import FastAPI, Header, HTTPException, Query, Request
+from fastapi import FastAPI, Header, HTTPException, Query, Request, Response
 from pydantic import ValidationError
 from ray import serve
 
 from raybig.errors import SpecError
-from raybig.serve.replica import ModelReplica
-from raybig.serve.inputs import as_batch
-from raybig.serve.schemas import (GenerateRequest, GenerateResponse, ModelCard, Prediction, PredictRequest,
-                                  PredictResponse)
+from raybig.serve.inputs import as_batch, parse_predict_body
+from raybig.serve.replica import ServedModel
+from raybig.serve.schemas import GenerateRequest, GenerateResponse, ModelCard, PredictRequest, PredictResponse
 from raybig.spec import ServeSpec
 from raybig.train.checkpoint import RunStore
 
+APP_NAME = "raybig"
 api = FastAPI(title="raybig", description="Models trained by raybig, served by Ray Serve.")
 
 
@@ -36,10 +46,6 @@ class ModelEntry:
     run_dir: str
     serve: ServeSpec
     info: dict = field(default_factory=dict)
-
-    @property
-    def deployment(self) -> str:
-        return f"{self.name}--{self.version}"
 
 
 def entry_from_arg(arg: str) -> ModelEntry:
@@ -63,18 +69,27 @@ def _body(schema) -> dict:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema.model_json_schema()}}}}
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=512)
+def _json(content, status: int = 200) -> Response:
+    """A JSON response serialized by orjson, skipping FastAPI's response_model pass (the hot path)."""
+    return Response(orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), status, media_type="application/json")
+
+
+@serve.deployment(max_ongoing_requests=256)
 @serve.ingress(api)
-class Gateway:
-    def __init__(self, handles: dict, entries: list[dict], defaults: dict[str, str], settings: dict):
-        self.handles = handles  # deployment name -> handle
+class ModelServer:
+    """Every served version in memory; requests are checked and answered in this process."""
+
+    def __init__(self, entries: list[dict], defaults: dict[str, str], settings: dict):
+        torch.set_num_threads(settings["threads"])
         self.entries = {(e["name"], e["version"]): e for e in entries}
+        self.models = {key: ServedModel(e["run_dir"], e["max_batch_size"], e["batch_wait_ms"])
+                       for key, e in self.entries.items()}
         self.defaults = defaults
         self.max_payload_bytes = settings["max_payload_bytes"]
         self.token = settings.get("token")
 
-    async def _read(self, request: Request, schema):
-        """Auth, then size, then JSON, then the schema: each failure its own 4xx, before any work is done."""
+    async def _read(self, request: Request) -> bytes:
+        """Auth, then size: each failure its own 4xx, before the body is parsed."""
         if self.token:
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
@@ -85,21 +100,16 @@ class Gateway:
         raw = await request.body()
         if len(raw) > self.max_payload_bytes:
             raise HTTPException(413, f"request body of {len(raw)} bytes is over the limit of {self.max_payload_bytes}")
-        try:
-            return schema.model_validate_json(raw)
-        except ValidationError as err:
-            problems = [f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors(include_url=False)]
-            raise HTTPException(422, "; ".join(problems)) from None
+        return raw
 
-    def _entry(self, name: str, version: str | None) -> dict:
+    def _entry(self, name: str, version: str | None) -> tuple[dict, ServedModel]:
         if name not in self.defaults:
             raise HTTPException(404, f"no model named {name!r}; serving: {', '.join(sorted(self.defaults))}")
-        version = version or self.defaults[name]
-        entry = self.entries.get((name, version))
-        if entry is None:
+        key = (name, version or self.defaults[name])
+        if key not in self.entries:
             known = sorted(v for n, v in self.entries if n == name)
-            raise HTTPException(404, f"model {name!r} has no version {version!r}; versions: {', '.join(known)}")
-        return entry
+            raise HTTPException(404, f"model {name!r} has no version {key[1]!r}; versions: {', '.join(known)}")
+        return self.entries[key], self.models[key]
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
@@ -113,40 +123,47 @@ class Gateway:
             cards.append(ModelCard(
                 name=name, version=version, default=self.defaults[name] == version, kind=info["kind"],
                 task=info["data"]["task"], input_shape=info["data"]["shape"], classes=info["data"]["num_classes"],
-                epoch=info["epoch"], metrics=info["metrics"],
-                batching=await self.handles[e["deployment"]].batching.remote()))
+                epoch=info["epoch"], metrics=info["metrics"], batching=self.models[(name, version)].batching()))
         return cards
 
     @api.post("/v1/models/{name}/predict", response_model=PredictResponse, openapi_extra=_body(PredictRequest))
     async def predict(self, name: str, request: Request, version: str | None = Query(None),
-                      x_model_version: str | None = Header(None)) -> PredictResponse:
-        body = await self._read(request, PredictRequest)
-        entry = self._entry(name, version or x_model_version)
+                      x_model_version: str | None = Header(None)) -> Response:
+        # The hot path: the body is parsed by orjson and checked by numpy, not by a pydantic model of a
+        # float list; the reply is serialized by orjson. PredictRequest/PredictResponse document it.
+        inputs = parse_predict_body(await self._read(request))
+        entry, model = self._entry(name, version or x_model_version)
         if entry["info"]["data"]["task"] != "classification":
             raise HTTPException(422, f"{name} is a language model: POST /v1/models/{name}/generate")
-        x = as_batch(body.inputs, entry["info"]["data"]["shape"], entry["max_samples"])
-        probs = await self.handles[entry["deployment"]].predict.remote(x)
-        return PredictResponse(model=name, version=entry["version"], predictions=[
-            Prediction(label=int(p.argmax()), probabilities=[round(float(v), 6) for v in p]) for p in probs])
+        x = as_batch(inputs, entry["info"]["data"]["shape"], entry["max_samples"])
+        probs = np.round(await model.predict(x), 6)
+        return _json({"model": name, "version": entry["version"], "predictions": [
+            {"label": int(p.argmax()), "probabilities": p} for p in probs]})
 
     @api.post("/v1/models/{name}/generate", response_model=GenerateResponse, openapi_extra=_body(GenerateRequest))
     async def generate(self, name: str, request: Request, version: str | None = Query(None),
                        x_model_version: str | None = Header(None)) -> GenerateResponse:
-        body = await self._read(request, GenerateRequest)
-        entry = self._entry(name, version or x_model_version)
+        raw = await self._read(request)
+        try:
+            body = GenerateRequest.model_validate_json(raw)
+        except ValidationError as err:
+            problems = [f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors(include_url=False)]
+            raise HTTPException(422, "; ".join(problems)) from None
+        entry, model = self._entry(name, version or x_model_version)
         data = entry["info"]["data"]
         if data["task"] != "lm":
             raise HTTPException(422, f"{name} is a classifier: POST /v1/models/{name}/predict")
         unknown = sorted(set(body.prompt) - set(data["vocab"]))
         if unknown:
             raise HTTPException(422, f"prompt has characters the model never saw: {''.join(unknown)!r}")
-        text = await self.handles[entry["deployment"]].generate.remote(
-            body.prompt, body.max_new_tokens, body.temperature, body.seed)
+        # token by token generation takes a while: off the event loop, so batched predictions keep flowing
+        text = await asyncio.to_thread(model.generate, body.prompt, body.max_new_tokens, body.temperature, body.seed)
         return GenerateResponse(model=name, version=entry["version"], text=text)
 
 
 def build_app(entries: list[ModelEntry]):
-    """The Serve application: one deployment per model version, and the gateway in front."""
+    """The Serve application: one ingress deployment holding every version; its replicas, CPUs, auth and
+    payload limit come from the first run given."""
     if not entries:
         raise SpecError("give at least one run directory to serve")
     seen = set()
@@ -154,18 +171,6 @@ def build_app(entries: list[ModelEntry]):
         if (e.name, e.version) in seen:
             raise SpecError(f"{e.name}:{e.version} is given twice; name versions as name:version=RUN_DIR")
         seen.add((e.name, e.version))
-    handles = {}
-    for e in entries:
-        s = e.serve
-        options = {"name": e.deployment, "ray_actor_options": {"num_cpus": s.cpus_per_replica,
-                                                               "num_gpus": s.gpus_per_replica},
-                   "max_ongoing_requests": max(64, 2 * s.max_batch_size)}
-        if s.autoscaling:
-            options["autoscaling_config"] = s.autoscaling.model_dump()
-        else:
-            options["num_replicas"] = s.replicas
-        handles[e.deployment] = serve.deployment(ModelReplica).options(**options).bind(
-            e.run_dir, s.max_batch_size, s.batch_wait_ms, max(1, int(s.cpus_per_replica)))
     defaults = {e.name: e.version for e in entries}  # the last version given for a name is its default
     first = entries[0].serve
     token = None
@@ -173,15 +178,38 @@ def build_app(entries: list[ModelEntry]):
         token = os.environ.get(first.auth_token_env)
         if not token:
             raise SpecError(f"{first.auth_token_env} is not set (or empty) in the environment", "serve.auth_token_env")
-    settings = {"max_payload_bytes": first.max_payload_bytes, "token": token}
-    described = [{"name": e.name, "version": e.version, "deployment": e.deployment, "info": e.info,
-                  "max_samples": e.serve.max_samples_per_request} for e in entries]
-    return Gateway.bind(handles, described, defaults, settings)
+    # No access log line per request: writing them cost throughput and added latency spikes when the
+    # buffered lines were flushed; errors and warnings are still logged (Ray's log files).
+    options = {"ray_actor_options": {"num_cpus": first.cpus_per_replica, "num_gpus": first.gpus_per_replica},
+               "logging_config": {"log_level": "WARNING", "enable_access_log": False}}
+    if first.autoscaling:
+        options["autoscaling_config"] = first.autoscaling.model_dump()
+    else:
+        options["num_replicas"] = first.replicas
+    settings = {"max_payload_bytes": first.max_payload_bytes, "token": token,
+                "threads": max(1, int(first.cpus_per_replica))}
+    described = [{"name": e.name, "version": e.version, "run_dir": e.run_dir, "info": e.info,
+                  "max_samples": e.serve.max_samples_per_request, "max_batch_size": e.serve.max_batch_size,
+                  "batch_wait_ms": e.serve.batch_wait_ms} for e in entries]
+    return ModelServer.options(**options).bind(described, defaults, settings)
 
 
 def start(entries: list[ModelEntry], host: str, port: int, blocking: bool = False):
     """Run the application on Serve's HTTP proxy at host:port; returns the base URL."""
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # per-request logs stay in Ray's log files
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(entries), name="raybig", route_prefix="/", blocking=blocking)
+    serve.run(build_app(entries), name=APP_NAME, route_prefix="/", blocking=blocking)
     return f"http://{host}:{port}"
+
+
+def direct_urls(host: str) -> list[str]:
+    """The replicas' own HTTP addresses (Serve's direct ingress); the proxy's when Serve runs without it.
+
+    A replica listens on the host Serve was started with (`host`), on the port Serve gave it (30000+);
+    the node's address stands in when that host is every interface."""
+    from ray.serve._private.common import RequestProtocol
+    from ray.serve.context import _get_global_client
+
+    groups = ray.get(_get_global_client()._controller.get_target_groups.remote(app_name=APP_NAME))
+    return [f"http://{t.ip if host in ('0.0.0.0', '::') else host}:{t.port}" for g in groups if g.protocol == RequestProtocol.HTTP and g.app_name == APP_NAME
+            for t in g.targets]

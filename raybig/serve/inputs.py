@@ -1,6 +1,32 @@
 """Turning a request's JSON into a model input, or into a 4xx that says what is wrong with it."""
+import json
+
 import numpy as np
+import orjson
 from fastapi import HTTPException
+
+
+def parse_predict_body(raw: bytes) -> list:
+    """The `inputs` of a predict body, {"inputs": [...]} and nothing else, or a 422.
+
+    orjson first (several times faster than a pydantic model of a float list); it refuses the NaN and
+    Infinity literals, which the standard parser accepts, so those bodies get the specific message below.
+    """
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise HTTPException(422, f"body: Invalid JSON ({err})") from None
+    if not isinstance(body, dict) or "inputs" not in body:
+        raise HTTPException(422, 'body: expected a JSON object {"inputs": [sample, ...]}')
+    extra = sorted(set(body) - {"inputs"})
+    if extra:
+        raise HTTPException(422, f"{', '.join(extra)}: unknown field (only inputs is allowed)")
+    if not isinstance(body["inputs"], list):
+        raise HTTPException(422, "inputs: expected a list of samples")
+    return body["inputs"]
 
 
 def as_batch(inputs: list, shape: list[int], max_samples: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""One model version in memory, answering batched requests."""
+"""One model version in memory, answering batched requests inside the ingress replica's process."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,30 +8,30 @@ from ray import serve
 from raybig.train.checkpoint import load_trained_model
 
 
-class ModelReplica:
-    """Requests arriving within `batch_wait_ms` of each other are merged into one forward pass."""
+class ServedModel:
+    """Requests for this version arriving within `batch_wait_ms` of each other share one forward pass.
 
-    def __init__(self, run_dir: str, max_batch_size: int, batch_wait_ms: float, threads: int = 1):
-        torch.set_num_threads(threads)
+    The batch queue is made per instance: a method decorated with @serve.batch at class level shares one
+    queue across every instance in the process, which would mix versions in a batch.
+    """
+
+    def __init__(self, run_dir: str, max_batch_size: int, batch_wait_ms: float):
         self.model, self.info = load_trained_model(run_dir)
-        self.predict_batch.set_max_batch_size(max_batch_size)
-        self.predict_batch.set_batch_wait_timeout_s(batch_wait_ms / 1000)
+        self.predict = serve.batch(max_batch_size=max_batch_size,
+                                   batch_wait_timeout_s=batch_wait_ms / 1000)(self._forward_batch)
         self.batches = 0
         self.requests = 0
         self.largest_batch = 0
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def predict_batch(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    async def _forward_batch(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         self.batches += 1
         self.requests += len(inputs)
         self.largest_batch = max(self.largest_batch, len(inputs))
+        x = inputs[0] if len(inputs) == 1 else np.concatenate(inputs)
         with torch.no_grad():
-            probs = torch.softmax(self.model(torch.from_numpy(np.concatenate(inputs))).float(), dim=-1).numpy()
+            probs = torch.softmax(self.model(torch.from_numpy(x)).float(), dim=-1).numpy()
         bounds = np.cumsum([len(a) for a in inputs])[:-1]
         return np.split(probs, bounds)
-
-    async def predict(self, x: np.ndarray) -> np.ndarray:
-        return await self.predict_batch(x)
 
     def generate(self, prompt: str, max_new_tokens: int, temperature: float, seed: int | None) -> str:
         vocab = self.info["data"]["vocab"]
