@@ -9,6 +9,7 @@ checkpoint without one is an interrupted upload and is never resumed from.
 """
 from __future__ import annotations
 
+import atexit
 import shutil
 import tempfile
 import weakref
@@ -176,6 +177,30 @@ class SyncedRunStore(RunStore):
         super().discard()
         self.root.mkdir(parents=True)
         _delete_dir(self.fs, self.remote)
+
+
+# ----------------------------------------------------------------------------- serving a run from a store
+MODEL_FILES = ("model.json", "model.safetensors", "spec.yaml")
+
+
+def local_model(run: str | Path) -> Path:
+    """A run's published model (weights, model.json, spec.yaml) as a directory on this machine: a path run as
+    it is, an s3:// / gs:// run copied into a temporary directory that lives as long as this process. Each
+    Serve replica calls this for itself, so a replica on any node of a cluster finds its weights."""
+    if not is_uri(str(run)):
+        return Path(run)
+    fs, remote = open_filesystem(str(run))
+    remote = remote.rstrip("/")
+    if fs.get_file_info(f"{remote}/model.json").type != pafs.FileType.File:
+        raise SpecError(f"{run} holds no trained model (no model.json)", "RUN")
+    staging = Path(tempfile.mkdtemp(prefix="raybig-model-"))
+    atexit.register(shutil.rmtree, staging, True)
+    local = staging / Path(remote).name
+    local.mkdir()
+    for name in MODEL_FILES:
+        if fs.get_file_info(f"{remote}/{name}").type == pafs.FileType.File:
+            _download_file(fs, f"{remote}/{name}", local / name)
+    return local
 
 
 # ----------------------------------------------------------------------------- raybig pull

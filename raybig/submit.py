@@ -238,13 +238,13 @@ def entrypoint_args(command: str, spec_rel: str, name: str, store: str, override
     """The job's command as an argument list; spec fields and overrides are single arguments, never shell syntax.
 
     run and sweep read the spec (shipped in the working directory) and write into the cluster's store;
-    serve serves the run `name` from the store (a path the cluster's nodes see)."""
+    serve serves the run `name` from the store (a path the cluster's nodes see, or an object store)."""
     if command not in COMMANDS:
         raise SpecError(f"{command!r} is not one of: {', '.join(COMMANDS)}", "--command")
+    if command == "sweep" and is_uri(store):
+        raise SpecError(f"a sweep keeps its trials on a path every node sees, not in {store}; use a path store",
+                        "--store")
     if command == "serve":
-        if is_uri(store):
-            raise SpecError(f"serve reads a run from a path on the cluster, not from {store}; use a path store "
-                            "(a shared file system on several nodes)", "--store")
         if any(not item.startswith("name=") for item in overrides):
             raise SpecError("serve takes the run as it was trained: only --set name=... (which run) applies",
                             "--set")

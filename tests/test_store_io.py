@@ -82,6 +82,24 @@ def test_a_run_lives_in_the_object_store_resumes_from_it_and_is_pulled_back(s3_s
     assert remote_files(store) == set()
 
 
+def test_a_model_is_served_from_the_object_store_without_a_local_copy_of_the_run(s3_store, tmp_path):
+    from raybig.serve.app import entry_from_arg
+    from raybig.store_io import local_model
+
+    location = join(s3_store, "served")
+    train(location, epochs=1)
+    entry = entry_from_arg(location)  # a URI with ?endpoint_override=...: its '=' is not a name:version label
+    assert entry.run_dir == location and entry.name == "s3run" and entry.info["epoch"] == 1
+    local = local_model(location)  # what each Serve replica does for itself
+    assert sorted(p.name for p in local.iterdir()) == ["model.json", "model.safetensors", "spec.yaml"]
+    model, info = load_trained_model(local)
+    assert info["epoch"] == 1 and sum(p.numel() for p in model.parameters()) > 0
+    named = entry_from_arg(f"digits:v7={location}")
+    assert (named.name, named.version, named.run_dir) == ("digits", "v7", location)
+    with pytest.raises(SpecError, match="no trained model"):
+        local_model(join(s3_store, "nothing-here"))
+
+
 def test_pull_errors_are_one_line(s3_store, tmp_path):
     with pytest.raises(SpecError, match="no run named 'nope'"):
         pull_run(s3_store, "nope", str(tmp_path))

@@ -84,11 +84,15 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
-def test_a_submitted_spec_trains_on_the_cluster_into_an_object_store_and_is_pulled_back(head, s3):
+def test_a_spec_trains_on_the_cluster_into_an_object_store_is_pulled_back_and_served_from_it(head, s3):
+    import torch
+
+    from raybig.data.datasets import load
+    from raybig.spec import load_spec
     from raybig.train.checkpoint import load_trained_model
 
     proc = raybig("submit", "jobs/digits_mlp.yaml", "--cluster", head["file"], "--store", s3,
-                  "--set", "train.epochs=2", "--follow")
+                  "--set", "train.epochs=2", "--set", f"serve.port={SERVE_PORT}", "--follow")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     job_id = job_id_of(proc)
     assert re.fullmatch(r"digits-mlp-\d{8}-\d{6}-[0-9a-f]{4}", job_id)
@@ -103,6 +107,17 @@ def test_a_submitted_spec_trains_on_the_cluster_into_an_object_store_and_is_pull
     assert [r["epoch"] for r in json.loads((run / "metrics.json").read_text())] == [1, 2]
     assert yaml.safe_load((run / "spec.yaml").read_text())["output"]["dir"] == s3
     assert (run / "curves.png").is_file() and (run / "checkpoints" / "epoch-0002" / "meta.json").is_file()
+
+    # served straight from the object store: each replica fetches the weights itself
+    served = raybig("submit", "jobs/digits_mlp.yaml", "--cluster", head["file"], "--store", s3, "--command", "serve")
+    assert served.returncode == 0, served.stdout + served.stderr
+    sample = load(load_spec(ROOT / "jobs" / "digits_mlp.yaml").data).val.x[:4]
+    reply = query_until_up(f"http://127.0.0.1:{SERVE_PORT}/v1/models/digits-mlp/predict", sample.tolist())
+    raybig("jobs", "stop", job_id_of(served), "--cluster", head["file"])
+    assert reply is not None, "the model served from the object store never answered"
+    with torch.no_grad():
+        expected = model(torch.as_tensor(sample)).argmax(-1).tolist()
+    assert [p["label"] for p in reply["predictions"]] == expected
 
     listed = raybig("jobs", "list", "--cluster", head["file"])
     assert listed.returncode == 0 and job_id in listed.stdout and "SUCCEEDED" in listed.stdout
@@ -125,6 +140,20 @@ def test_a_sweep_is_submitted_like_a_run(head):
     assert len(results) == 2 and set(results.status) == {"completed"}
     assert (run / "model.safetensors").is_file() and yaml.safe_load((run / "spec.yaml").read_text())["name"] == \
         "digits-sweep"
+
+
+def query_until_up(url: str, inputs: list, seconds: float = 150):
+    """POST to a model that a just-submitted job is still starting; None if it never answers."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            request = urllib.request.Request(url, data=json.dumps({"inputs": inputs}).encode(),
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return json.loads(response.read())
+        except (OSError, ValueError):
+            time.sleep(2)
+    return None
 
 
 def test_a_long_job_is_stopped(head):
@@ -169,16 +198,7 @@ def test_the_stock_ray_job_submit_runs_a_spec_and_raybig_serves_the_run_on_the_c
     from raybig.spec import load_spec
 
     sample = load(load_spec(ROOT / "jobs" / "digits_mlp.yaml").data).val.x[:2].tolist()
-    reply, deadline = None, time.time() + 150
-    while reply is None and time.time() < deadline:
-        try:
-            request = urllib.request.Request(f"http://127.0.0.1:{SERVE_PORT}/v1/models/stock-submit/predict",
-                                             data=json.dumps({"inputs": sample}).encode(),
-                                             headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(request, timeout=10) as response:
-                reply = json.loads(response.read())
-        except (OSError, ValueError):
-            time.sleep(2)
+    reply = query_until_up(f"http://127.0.0.1:{SERVE_PORT}/v1/models/stock-submit/predict", sample)
     status = raybig("jobs", "status", job_id, "--cluster", head["file"]).stdout
     stopped = raybig("jobs", "stop", job_id, "--cluster", head["file"])
     assert reply is not None, f"the served model never answered; {status}"
@@ -237,11 +257,13 @@ def test_entrypoints_quote_every_piece():
     line = entrypoint("run", "jobs/x.yaml", "x", "/models", ["name=a; rm -rf /", "train.epochs=3"])
     assert line == ("python -m raybig run jobs/x.yaml --address auto --set output.dir=/models "
                     "--set 'name=a; rm -rf /' --set train.epochs=3")
-    assert entrypoint_args("sweep", "jobs/x.yaml", "x", "s3://b/p", [])[3:6] == ["sweep", "jobs/x.yaml", "--address"]
+    assert entrypoint_args("sweep", "jobs/x.yaml", "x", "/models", [])[3:6] == ["sweep", "jobs/x.yaml", "--address"]
+    with pytest.raises(SpecError, match="path"):
+        entrypoint_args("sweep", "jobs/x.yaml", "x", "s3://b/p", [])
     assert entrypoint_args("serve", "jobs/x.yaml", "x", "/models", ["name=x"]) == \
         ["python", "-m", "raybig", "serve", "/models/x", "--address", "auto"]
-    with pytest.raises(SpecError, match="path"):
-        entrypoint_args("serve", "jobs/x.yaml", "x", "s3://b/p", [])
+    assert entrypoint_args("serve", "jobs/x.yaml", "x", "s3://b/p?endpoint_override=h:1", []) == \
+        ["python", "-m", "raybig", "serve", "s3://b/p/x?endpoint_override=h:1", "--address", "auto"]
     with pytest.raises(SpecError, match="not one of"):
         entrypoint_args("train", "jobs/x.yaml", "x", "/models", [])
 

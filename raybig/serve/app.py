@@ -32,6 +32,7 @@ from raybig.serve.inputs import as_batch, parse_predict_body
 from raybig.serve.replica import ServedModel
 from raybig.serve.schemas import GenerateRequest, GenerateResponse, ModelCard, PredictRequest, PredictResponse
 from raybig.spec import ServeSpec
+from raybig.store_io import is_uri, local_model
 from raybig.train.checkpoint import RunStore
 
 APP_NAME = "raybig"
@@ -49,19 +50,20 @@ class ModelEntry:
 
 
 def entry_from_arg(arg: str) -> ModelEntry:
-    """`runs/x`, or `name:version=runs/x` to name the model and version explicitly."""
+    """`runs/x` (or an s3:// / gs:// run), or `name:version=runs/x` to name the model and version explicitly."""
     name = version = None
     path = arg
-    if "=" in arg:
+    if "=" in arg and "://" not in arg.split("=", 1)[0]:  # a URI's own query has '=' too
         label, path = arg.split("=", 1)
         name, _, version = label.partition(":")
-    store = RunStore(path)
+    store = RunStore(local_model(path))
     info = store.model_info()
     if info is None:
         raise SpecError(f"{path} holds no trained model (no model.json); train it with `raybig run` first")
     raw = yaml.safe_load((store.root / "spec.yaml").read_text()) if (store.root / "spec.yaml").exists() else {}
     settings = ServeSpec.model_validate((raw or {}).get("serve") or {})
-    return ModelEntry(name or info["name"], version or settings.version, str(Path(path).resolve()), settings, info)
+    where = path if is_uri(path) else str(Path(path).resolve())  # each replica fetches a URI's files itself
+    return ModelEntry(name or info["name"], version or settings.version, where, settings, info)
 
 
 def _body(schema) -> dict:

@@ -5,6 +5,7 @@ import numpy as np
 import torch
 from ray import serve
 
+from raybig.store_io import local_model
 from raybig.train.checkpoint import load_trained_model
 
 
@@ -16,7 +17,7 @@ class ServedModel:
     """
 
     def __init__(self, run_dir: str, max_batch_size: int, batch_wait_ms: float):
-        self.model, self.info = load_trained_model(run_dir)
+        self.model, self.info = load_trained_model(local_model(run_dir))  # a path, or an s3:// / gs:// run
         self.predict = serve.batch(max_batch_size=max_batch_size,
                                    batch_wait_timeout_s=batch_wait_ms / 1000)(self._forward_batch)
         self.batches = 0
