@@ -167,14 +167,21 @@ class Pipeline:
         # DDP's reducer, under the schedule's per-microbatch no_sync, rebuilt its buckets wrongly in
         # torch 2.13 (an internal assert, or silently unsynchronised replicas with static_graph).
         self.dp_group = dp_group
-        pipe_stages = [pipelining.PipelineStage(s, i, total, device, group=pp_group)
-                       for s, i in zip(self.local, self.stage_ids)]
         schedule_cls = getattr(pipelining, SCHEDULES[pipeline_spec.schedule])
+
+        def schedule(loss_fn):
+            stages = [pipelining.PipelineStage(s, i, total, device, group=pp_group)
+                      for s, i in zip(self.local, self.stage_ids)]
+            return schedule_cls(stages if virtual > 1 else stages[0], n_microbatches=pipeline_spec.microbatches,
+                                loss_fn=loss_fn, scale_grads=True)
+
         # scale_grads: the loss is a per-microbatch mean, so gradients are averaged over microbatches,
         # which makes a step the same as one over the whole batch.
-        stage_arg = pipe_stages if virtual > 1 else pipe_stages[0]
-        self.schedule = schedule_cls(stage_arg, n_microbatches=pipeline_spec.microbatches,
-                                     loss_fn=self._microbatch_loss, scale_grads=True)
+        self.schedule = schedule(self._microbatch_loss)
+        # Evaluation gets its own stages and schedule over the same modules. A torch schedule that switches
+        # between eval() and step() redoes its set-up (P2P warm-up, shape inference through every stage) on
+        # each switch, which cost the first training step of every epoch 0.3-0.6 s here.
+        self.eval_schedule = schedule(self._microbatch_loss)
 
     def _microbatch_loss(self, outputs, targets):
         return self.loss_fn(outputs, targets)
@@ -202,7 +209,7 @@ class Pipeline:
             x, y = (torch.cat([t, t[:1].expand(self.batch - n, *t.shape[1:])]) for t in (x, y))
         args, kwargs = self._args(x, y)
         with self.autocast():
-            out = self.schedule.eval(*args, **kwargs)
+            out = self.eval_schedule.eval(*args, **kwargs)
         return out[:n] if self.holds_output else None
 
 
