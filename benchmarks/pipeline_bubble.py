@@ -46,7 +46,7 @@ PLAIN = Path(__file__).resolve().parent / "plain" / "pp_torchrun.py"
 def plain(args, world: int, microbatches: int, schedule: str) -> float:
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), str(PLAIN),
                           "--schedule", schedule, "--microbatches", str(microbatches), "--batch", str(args.batch),
-                          "--hidden", str(args.hidden), "--layers", str(args.layers - 1), "--steps", str(args.steps)],
+                          "--hidden", str(args.hidden), "--layers", str(args.layers), "--steps", str(args.steps)],
                          capture_output=True, text=True, check=True).stdout
     return float(re.search(r"samples_per_s=(\d+)", out).group(1))
 
@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2048)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=9,
-                        help="hidden layers; the first maps the 64 inputs, the rest are H x H as in the plain script")
+                        help="hidden layers; the first maps the 64 inputs, the rest are H x H (the plain script builds the same)")
     parser.add_argument("--steps", type=int, default=12, help="steps per epoch")
     parser.add_argument("--microbatches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     args = parser.parse_args()
