@@ -183,10 +183,10 @@ class SyncedRunStore(RunStore):
 MODEL_FILES = ("model.json", "model.safetensors", "spec.yaml")
 
 
-def local_model(run: str | Path) -> Path:
-    """A run's published model (weights, model.json, spec.yaml) as a directory on this machine: a path run as
-    it is, an s3:// / gs:// run copied into a temporary directory that lives as long as this process. Each
-    Serve replica calls this for itself, so a replica on any node of a cluster finds its weights."""
+def local_model(run: str | Path, files: tuple[str, ...] = MODEL_FILES) -> Path:
+    """A run's published model (weights, model.json, spec.yaml; or just `files` of them) as a directory on this
+    machine: a path run as it is, an s3:// / gs:// run copied into a temporary directory that lives as long as
+    this process. Each Serve replica calls this for itself, so a replica on any node finds its weights."""
     if not is_uri(str(run)):
         return Path(run)
     fs, remote = open_filesystem(str(run))
@@ -197,7 +197,7 @@ def local_model(run: str | Path) -> Path:
     atexit.register(shutil.rmtree, staging, True)
     local = staging / Path(remote).name
     local.mkdir()
-    for name in MODEL_FILES:
+    for name in files:
         if fs.get_file_info(f"{remote}/{name}").type == pafs.FileType.File:
             _download_file(fs, f"{remote}/{name}", local / name)
     return local

@@ -56,7 +56,7 @@ def entry_from_arg(arg: str) -> ModelEntry:
     if "=" in arg and "://" not in arg.split("=", 1)[0]:  # a URI's own query has '=' too
         label, path = arg.split("=", 1)
         name, _, version = label.partition(":")
-    store = RunStore(local_model(path))
+    store = RunStore(local_model(path, files=("model.json", "spec.yaml")))  # the weights are the replicas' to fetch
     info = store.model_info()
     if info is None:
         raise SpecError(f"{path} holds no trained model (no model.json); train it with `raybig run` first")
@@ -213,5 +213,6 @@ def direct_urls(host: str) -> list[str]:
     from ray.serve.context import _get_global_client
 
     groups = ray.get(_get_global_client()._controller.get_target_groups.remote(app_name=APP_NAME))
-    return [f"http://{t.ip if host in ('0.0.0.0', '::') else host}:{t.port}" for g in groups if g.protocol == RequestProtocol.HTTP and g.app_name == APP_NAME
-            for t in g.targets]
+    every_interface = host in ("0.0.0.0", "::")
+    return [f"http://{t.ip if every_interface else host}:{t.port}" for g in groups
+            if g.protocol == RequestProtocol.HTTP and g.app_name == APP_NAME for t in g.targets]

@@ -29,6 +29,7 @@ def trial_rows(grid, spec, sweep_dir: Path) -> tuple[list[dict], dict[str, list[
     rows, histories = [], {}
     for result in grid:
         trial_id = Path(result.path).name
+        trial_root = sweep_dir / "trials" / f"{spec.name}-{trial_id}"
         metrics = result.metrics or {}
         frame = result.metrics_dataframe
         history = [] if frame is None else frame.to_dict("records")
@@ -49,8 +50,8 @@ def trial_rows(grid, spec, sweep_dir: Path) -> tuple[list[dict], dict[str, list[
             **{k: float(metrics.get(k, float("nan"))) for k in ("val_accuracy", "val_loss", "train_loss")
                if k != sweep.metric},
             "seconds": float(metrics.get("time_total_s", float("nan"))),
-            **_config_of(result, sweep_dir / "trials" / f"{spec.name}-{trial_id}", sweep.space),
-            "restored_from": _restored_from(sweep_dir / "trials" / f"{spec.name}-{trial_id}"),
+            **_config_of(result, trial_root, sweep.space),
+            "restored_from": _restored_from(trial_root),
             "checkpoint": result.checkpoint.path if result.checkpoint is not None else "",
         })
     rows.sort(key=lambda r: r["trial"])
@@ -167,15 +168,16 @@ def plot(rows: list[dict], histories: dict[str, list[dict]], spec, out: Path) ->
 def _checkpoint_of(row: dict, trial_root: Path) -> Path:
     """The checkpoint of the trial's last reported epoch: in its store (which a stopped trial may have trained
     past), else the copy Tune kept, else the newest there is (model.json then says which epoch it is)."""
-    candidates = [trial_root / "checkpoints" / f"{CHECKPOINT_PREFIX}{row['epochs']:04d}"]
+    reported = [trial_root / "checkpoints" / f"{CHECKPOINT_PREFIX}{row['epochs']:04d}"]
     if row["checkpoint"]:
-        candidates.append(Path(row["checkpoint"]))
-    candidates.append(RunStore(trial_root).latest())
-    for path in candidates:
-        if path is not None and (path / "meta.json").is_file():
-            if json.loads((path / "meta.json").read_text())["epoch"] == row["epochs"] or path == candidates[-1]:
-                return path
-    raise FileNotFoundError(f"trial {row['trial']} left no checkpoint to register")
+        reported.append(Path(row["checkpoint"]))
+    for path in reported:
+        if (path / "meta.json").is_file() and json.loads((path / "meta.json").read_text())["epoch"] == row["epochs"]:
+            return path
+    newest = RunStore(trial_root).latest()
+    if newest is None:
+        raise FileNotFoundError(f"trial {row['trial']} left no checkpoint to register")
+    return newest
 
 
 def register_best(row: dict, spec, sweep_dir: Path, run_root: Path) -> Path:
@@ -186,25 +188,14 @@ def register_best(row: dict, spec, sweep_dir: Path, run_root: Path) -> Path:
 
     trial_root = sweep_dir / "trials" / f"{spec.name}-{row['trial']}"
     checkpoint = _checkpoint_of(row, trial_root)
-    meta = json.loads((checkpoint / "meta.json").read_text())
     trial_spec = yaml.safe_load((trial_root / "spec.yaml").read_text())
     resolved = set_path(set_path(trial_spec, "name", spec.name), "output.dir", spec.output.dir)
     resolved = parse_spec(resolved, source="the best trial's spec")
 
     store = RunStore(run_root)
-    for name in ("checkpoints", "tensorboard"):
+    for name in ("checkpoints", "tensorboard"):  # a previous best's, when a resumed sweep registers again
         shutil.rmtree(run_root / name, ignore_errors=True)
-    target = store.checkpoints / f"{CHECKPOINT_PREFIX}{meta['epoch']:04d}"
-    shutil.copytree(checkpoint, target)
-    record = meta["history"][-1]
-    info_file = checkpoint / "model.json" if (checkpoint / "model.json").is_file() else trial_root / "model.json"
-    info = json.loads(info_file.read_text())
-    info.update(name=spec.name, epoch=meta["epoch"],
-                metrics={k: v for k, v in record.items() if k != "step_losses"})
-    from safetensors.torch import load_file
-
-    store.publish_model(load_file(str(target / "model.safetensors")), info)
-    store.write_history(meta["history"])
+    meta = store.adopt(checkpoint, spec.name)
     store.write_spec(resolved.to_yaml())
     write_curves(run_root, meta["history"])
     (sweep_dir / "best.json").write_text(json.dumps(

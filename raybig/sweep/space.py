@@ -67,40 +67,43 @@ def trial_spec(base: dict, config: dict[str, Any], name: str, output_dir: str):
 
 def space_problems(spec) -> list[tuple[str, str]]:
     """Every axis checked against the schema at its probe values, plus what the searcher and scheduler need."""
-    from raybig.spec import parse_spec
-
     sweep = spec.sweep
     base = base_of(spec)
-    fields = _optimizer_fields()
     names = [str(n) for n in sweep.space[f"{OPTIMIZER}.name"].probes()] if f"{OPTIMIZER}.name" in sweep.space \
         else [spec.train.optimizer.name]
-    problems: list[tuple[str, str]] = []
+    problems = []
     for path, dim in sweep.space.items():
-        where = f"sweep.space.{path}"
-        if path.split(".")[0] in RESERVED:
-            problems.append((where, f"{path.split('.')[0]} is set by the sweep itself; it cannot be searched"))
-            continue
-        field = path[len(OPTIMIZER) + 1:] if path.startswith(OPTIMIZER + ".") else None
-        contexts = [{}]
-        if field and field != "name":
-            takers = [n for n in names if n in fields and field in fields[n]]
-            if not takers:
-                problems.append((where, f"no optimizer in this sweep ({', '.join(names)}) takes {field}"))
-                continue
-            contexts = [{f"{OPTIMIZER}.name": n} for n in takers]
-        for value in dim.probes():
-            for context in contexts:
-                try:
-                    parse_spec(apply_config(base, {**context, path: value}))
-                except SpecError as err:
-                    problem_path, message = err.problems[0]
-                    shown = "not a field of the job spec" if message == "unknown field" else message
-                    problems.append((where, f"{value!r}: {problem_path}: {shown}"))
-                    break
-            else:
-                continue
-            break
+        problem = _axis_problem(base, path, dim, names)
+        if problem:
+            problems.append((f"sweep.space.{path}", problem))
     return problems + _plan_problems(sweep)
+
+
+def _axis_problem(base: dict, path: str, dim, optimizer_names: list[str]) -> str | None:
+    """What is wrong with one axis at its first bad probe value, or None. An optimizer field is probed with
+    each optimizer of the sweep that takes it."""
+    from raybig.spec import parse_spec
+
+    section = path.split(".")[0]
+    if section in RESERVED:
+        return f"{section} is set by the sweep itself; it cannot be searched"
+    contexts = [{}]
+    field = path[len(OPTIMIZER) + 1:] if path.startswith(OPTIMIZER + ".") else None
+    if field and field != "name":
+        fields = _optimizer_fields()
+        takers = [n for n in optimizer_names if field in fields.get(n, ())]
+        if not takers:
+            return f"no optimizer in this sweep ({', '.join(optimizer_names)}) takes {field}"
+        contexts = [{f"{OPTIMIZER}.name": n} for n in takers]
+    for value in dim.probes():
+        for context in contexts:
+            try:
+                parse_spec(apply_config(base, {**context, path: value}))
+            except SpecError as err:
+                problem_path, message = err.problems[0]
+                shown = "not a field of the job spec" if message == "unknown field" else message
+                return f"{value!r}: {problem_path}: {shown}"
+    return None
 
 
 def _plan_problems(sweep) -> list[tuple[str, str]]:

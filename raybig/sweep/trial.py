@@ -52,15 +52,7 @@ def run_trial(config: dict, *, base: dict, space: dict, root: str) -> None:
 def _install(checkpoint: Path, store: RunStore) -> list[dict]:
     """Make `checkpoint` (a copy of some trial's epoch checkpoint) this store's only checkpoint and its
     published model; returns the history it carries."""
-    from safetensors.torch import load_file
-
-    meta = json.loads((checkpoint / "meta.json").read_text())
-    target = store.checkpoints / f"{CHECKPOINT_PREFIX}{meta['epoch']:04d}"
-    shutil.copytree(checkpoint, target)
-    store.write_history(meta["history"])
-    if (target / "model.json").is_file():
-        info = json.loads((target / "model.json").read_text())
-        store.publish_model(load_file(str(target / "model.safetensors")), {**info, "name": store.root.name})
+    meta = store.adopt(checkpoint, store.root.name)
     # where this trial's weights came from: itself after a resume, another trial when PBT exploited it
     (store.root / "restored.json").write_text(json.dumps({"run": meta.get("run"), "epoch": meta["epoch"]}))
     return meta["history"]

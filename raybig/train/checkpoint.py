@@ -85,6 +85,18 @@ class RunStore:
         self.publish_model(model_state, info)
         return final
 
+    def adopt(self, checkpoint: Path, name: str) -> dict:
+        """Make a copy of `checkpoint` (another run's epoch checkpoint) this run's checkpoint, history and
+        published model, under this run's `name`; returns the checkpoint's meta. A sweep trial continues
+        from one this way, and a sweep's best trial becomes a run of its own."""
+        meta = json.loads((checkpoint / "meta.json").read_text())
+        target = self.checkpoints / f"{CHECKPOINT_PREFIX}{meta['epoch']:04d}"
+        shutil.copytree(checkpoint, target)
+        self.write_history(meta["history"])
+        info = json.loads((target / "model.json").read_text())
+        self.publish_model(load_file(str(target / "model.safetensors")), {**info, "name": name})
+        return meta
+
     @staticmethod
     def load_checkpoint(path: Path, part: int = 0) -> tuple[dict, dict | None, dict]:
         """The full model's weights, this pipeline rank's trainer state (None if absent), and the metadata."""

@@ -169,19 +169,19 @@ class Pipeline:
         self.dp_group = dp_group
         schedule_cls = getattr(pipelining, SCHEDULES[pipeline_spec.schedule])
 
-        def schedule(loss_fn):
+        def schedule():
             stages = [pipelining.PipelineStage(s, i, total, device, group=pp_group)
                       for s, i in zip(self.local, self.stage_ids)]
             return schedule_cls(stages if virtual > 1 else stages[0], n_microbatches=pipeline_spec.microbatches,
-                                loss_fn=loss_fn, scale_grads=True)
+                                loss_fn=self._microbatch_loss, scale_grads=True)
 
         # scale_grads: the loss is a per-microbatch mean, so gradients are averaged over microbatches,
         # which makes a step the same as one over the whole batch.
-        self.schedule = schedule(self._microbatch_loss)
+        self.schedule = schedule()
         # Evaluation gets its own stages and schedule over the same modules. A torch schedule that switches
         # between eval() and step() redoes its set-up (P2P warm-up, shape inference through every stage) on
         # each switch, which cost the first training step of every epoch 0.3-0.6 s here.
-        self.eval_schedule = schedule(self._microbatch_loss)
+        self.eval_schedule = schedule()
 
     def _microbatch_loss(self, outputs, targets):
         return self.loss_fn(outputs, targets)
