@@ -10,7 +10,6 @@ raybig is loaded where `raybig serve` says it is fastest: the replica's own port
     python benchmarks/serve_load.py [--seconds 10] [--concurrency 1 8 32] [--via direct|proxy]
 """
 import argparse
-import asyncio
 import json
 import os
 import re
@@ -21,8 +20,6 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-
-import aiohttp
 
 HERE = Path(__file__).resolve().parent
 
@@ -61,32 +58,11 @@ def wait_healthy(url: str, proc, timeout: float = 60) -> None:
     raise TimeoutError(url)
 
 
-async def load(url: str, concurrency: int, seconds: float) -> dict:
-    body = json.dumps({"inputs": [[0.5] * 64]})
-    latencies, errors = [], 0
-    stop = time.perf_counter() + seconds
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
-        async def client():
-            nonlocal errors
-            while time.perf_counter() < stop:
-                started = time.perf_counter()
-                try:
-                    async with session.post(url, data=body, headers={"content-type": "application/json"},
-                                            timeout=aiohttp.ClientTimeout(total=30)) as r:
-                        await r.read()
-                        if r.status != 200:
-                            errors += 1
-                            continue
-                except (aiohttp.ClientError, asyncio.TimeoutError):
-                    errors += 1
-                    continue
-                latencies.append(time.perf_counter() - started)
-        t0 = time.perf_counter()
-        await asyncio.gather(*[client() for _ in range(concurrency)])
-        elapsed = time.perf_counter() - t0
-    latencies.sort()
-    q = lambda f: 1000 * latencies[min(len(latencies) - 1, int(f * len(latencies)))] if latencies else float("nan")
-    return {"rps": len(latencies) / elapsed, "p50": q(0.5), "p99": q(0.99), "errors": errors}
+def load(url: str, concurrency: int, seconds: float) -> dict:
+    """One bounded load in a fresh client process (plain/load.py): see there why not in this one."""
+    out = subprocess.run([sys.executable, str(HERE / "plain" / "load.py"), url, "--concurrency", str(concurrency),
+                          "--seconds", str(seconds)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
 
 
 def direct_url(proc) -> str:
@@ -103,8 +79,8 @@ def measure(name: str, cmd: list[str], base: str, args) -> dict:
         if name == "raybig" and args.via == "direct":
             base = direct_url(proc)
         wait_healthy(base, proc)
-        asyncio.run(load(f"{base}/v1/models/bench-mlp/predict", 4, 2))  # warm-up
-        return {c: asyncio.run(load(f"{base}/v1/models/bench-mlp/predict", c, args.seconds)) for c in args.concurrency}
+        load(f"{base}/v1/models/bench-mlp/predict", 4, 2)  # warm-up
+        return {c: load(f"{base}/v1/models/bench-mlp/predict", c, args.seconds) for c in args.concurrency}
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # only the process group this script started
         try:

@@ -186,12 +186,13 @@ def serve_runs(
     store_claim: Optional[str] = typer.Option(None, help="With --export: a PersistentVolumeClaim mounted at /models."),
 ):
     """Serve trained runs over HTTP until Ctrl-C: POST /v1/models/NAME/predict, GET /v1/models, /docs."""
+    import signal
     import time
 
     from ray import serve as ray_serve
 
     from raybig.cluster import ray_session
-    from raybig.serve.app import direct_urls, entry_from_arg, start
+    from raybig.serve.app import APP_NAME, direct_urls, entry_from_arg, start
 
     try:
         entries = [entry_from_arg(arg) for arg in runs]
@@ -214,13 +215,18 @@ def serve_runs(
         direct = [u for u in direct_urls(host or first.host) if u != url]
         if direct:  # the same app without the proxy hop: several times the requests/s on a small machine
             out.print(f"direct to a replica (fastest): {'  '.join(direct)}", highlight=False)
+        # `raybig jobs stop` (and Kubernetes) end a server with SIGTERM: stop serving then too, not only on Ctrl-C
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             while True:
                 time.sleep(1)
         except KeyboardInterrupt:
             err.print("shutting down")
         finally:
-            ray_serve.shutdown()
+            if address:  # a cluster's Serve may hold other applications: take down only ours, without
+                ray_serve.delete(APP_NAME, _blocking=False)  # waiting (a stopped job gets 3 s before SIGKILL)
+            else:
+                ray_serve.shutdown()
 
 
 @app.command()

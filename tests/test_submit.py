@@ -156,6 +156,20 @@ def query_until_up(url: str, inputs: list, seconds: float = 150):
     return None
 
 
+def still_answers(url: str, inputs: list, seconds: float = 60) -> bool:
+    """Whether a served model keeps answering for `seconds` (False as soon as it stops)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            request = urllib.request.Request(url, data=json.dumps({"inputs": inputs}).encode(),
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=10):
+                time.sleep(1)
+        except OSError:  # refused, or 404 from Serve's proxy once the application is gone
+            return False
+    return True
+
+
 def test_a_long_job_is_stopped(head):
     proc = raybig("submit", "jobs/digits_mlp.yaml", "--cluster", head["file"], "--set", "train.epochs=2000",
                   "--set", "name=long-job")
@@ -204,6 +218,8 @@ def test_the_stock_ray_job_submit_runs_a_spec_and_raybig_serves_the_run_on_the_c
     assert reply is not None, f"the served model never answered; {status}"
     assert len(reply["predictions"]) == 2 and "RUNNING" in status
     assert stopped.returncode == 0
+    # stopping the job takes its application down with it: the model no longer answers
+    assert still_answers(f"http://127.0.0.1:{SERVE_PORT}/v1/models/stock-submit/predict", sample) is False
 
 
 def test_unreachable_address_is_one_clear_line():

@@ -12,6 +12,7 @@ multiplexing instead.
 """
 
 import asyncio
+import gc
 import hmac
 import logging
 import os
@@ -89,6 +90,9 @@ class ModelServer:
         self.defaults = defaults
         self.max_payload_bytes = settings["max_payload_bytes"]
         self.token = settings.get("token")
+        # Everything loaded so far (Ray, torch, FastAPI, the weights) lives as long as the replica: out of the
+        # collector's sight, a full collection no longer walks it, which had stalled every request ~150 ms.
+        gc.freeze()
 
     async def _read(self, request: Request) -> bytes:
         """Auth, then size: each failure its own 4xx, before the body is parsed."""
