@@ -89,13 +89,9 @@ class StreamSource:
         yield from self._batches(self.eval_batch, None, drop_last=False)
 
 
-def materialize(shard) -> tuple[np.ndarray, np.ndarray]:
-    """Read a Ray Data shard once into memory (streaming a small set every epoch costs seconds)."""
-    xs, ys = [], []
-    for batch in shard.iter_batches(batch_size=None, batch_format="numpy"):
-        xs.append(batch["x"])
-        ys.append(batch["y"])
-    return np.concatenate(xs), np.concatenate(ys)
+def writable(split: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Own copies of arrays read from Ray's object store, which hands out read-only views torch will not wrap."""
+    return tuple(np.array(a) for a in split)
 
 
 def to_ray_datasets(bundle) -> dict:

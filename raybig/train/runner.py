@@ -118,6 +118,7 @@ def run(spec: JobSpec, *, address: str | None = None, num_cpus: float | None = N
 
 def build_trainer(spec: JobSpec, bundle, loader: str, store: RunStore, board=None, callbacks=()):
     """The TorchTrainer for one run: `raybig run` adds a progress board, a sweep trial a Tune callback."""
+    import ray
     import ray.train
     from ray.train import DataConfig
     from ray.train.torch import TorchTrainer
@@ -125,12 +126,18 @@ def build_trainer(spec: JobSpec, bundle, loader: str, store: RunStore, board=Non
     from raybig.train.worker import train_loop_per_worker
 
     res = spec.resources
+    arrays, streamed = None, {}
+    if loader == "stream":
+        streamed = {"datasets": to_ray_datasets(bundle), "dataset_config": DataConfig(datasets_to_split=["train", "val"])}
+    else:  # every rank holds the small splits whole: through the object store, without Ray Data's actors, whose
+        # polling took CPU from the ranks for the whole run (docs/benchmarks.md, pipeline bubble)
+        arrays = {"train": ray.put((bundle.train.x, bundle.train.y)), "val": ray.put((bundle.val.x, bundle.val.y))}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "spec": spec.model_dump(mode="json"), "meta": bundle.meta.to_dict(), "loader": loader,
             "store": store.location, "threads": max(1, int(res.cpus_per_worker)), "board": board,
-            "train_rows": len(bundle.train), "val_rows": len(bundle.val),
+            "train_rows": len(bundle.train), "val_rows": len(bundle.val), "arrays": arrays,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.parallelism.workers, use_gpu=res.gpus_per_worker > 0,
@@ -140,8 +147,7 @@ def build_trainer(spec: JobSpec, bundle, loader: str, store: RunStore, board=Non
             storage_path=str((store.root / ".ray").resolve()),
             failure_config=ray.train.FailureConfig(max_failures=spec.failure.max_failures),
             callbacks=list(callbacks)),
-        datasets=to_ray_datasets(bundle),
-        dataset_config=DataConfig(datasets_to_split=["train", "val"] if loader == "stream" else []),
+        **streamed,
     )
 
 

@@ -5,11 +5,12 @@ import torch
 
 
 def train_loop_per_worker(config: dict) -> None:
+    import ray
     import ray.train
     import ray.train.torch
 
     from raybig.data.datasets import DataMeta
-    from raybig.data.loader import StreamSource, materialize, memory_sources
+    from raybig.data.loader import StreamSource, memory_sources, writable
     from raybig.spec import JobSpec
     from raybig.store_io import open_run_store
     from raybig.train.loop import WorkerEnv, fit
@@ -20,10 +21,11 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
     batch, seed = spec.train.batch_size, spec.train.seed
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     if config["loader"] == "memory":
-        train, val = memory_sources(spec, materialize(train_shard), materialize(val_shard), rank)
+        train, val = memory_sources(spec, *(writable(ray.get(config["arrays"][split])) for split in ("train", "val")),
+                                    rank)
     else:
+        train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
         train = StreamSource(train_shard, config["train_rows"], batch, world, seed, meta.shape)
         val = StreamSource(val_shard, config["val_rows"], batch, world, seed, meta.shape)
     board = config.get("board")
