@@ -6,7 +6,7 @@ divided by p, is printed beside the bound m / (m + p - 1), and beside the same f
 torch.distributed.pipelining under torchrun (benchmarks/plain/pp_torchrun.py). Peak memory per stage
 (resident set of each worker) is compared for gpipe and 1f1b at the same m.
 
-    python benchmarks/pipeline_bubble.py [--batch 2048] [--hidden 1024] [--layers 9] [--steps 12]
+    python benchmarks/pipeline_bubble.py [--batch 8192] [--hidden 1024] [--layers 9] [--steps 6]
 """
 from __future__ import annotations
 
@@ -59,11 +59,11 @@ def measure(args, out: Path, name: str, stages: int = 1, microbatches: int = 1, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=8192)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=9,
                         help="hidden layers; the first maps the 64 inputs, the rest are H x H (the plain script builds the same)")
-    parser.add_argument("--steps", type=int, default=12, help="steps per epoch")
+    parser.add_argument("--steps", type=int, default=6, help="steps per epoch")
     parser.add_argument("--microbatches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     args = parser.parse_args()
     p = 2
