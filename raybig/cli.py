@@ -189,10 +189,8 @@ def serve_runs(
     import signal
     import time
 
-    from ray import serve as ray_serve
-
     from raybig.cluster import ray_session
-    from raybig.serve.app import APP_NAME, direct_urls, entry_from_arg, start
+    from raybig.serve.app import direct_urls, entry_from_arg, start, stop
 
     try:
         entries = [entry_from_arg(arg) for arg in runs]
@@ -223,10 +221,7 @@ def serve_runs(
         except KeyboardInterrupt:
             err.print("shutting down")
         finally:
-            if address:  # a cluster's Serve may hold other applications: take down only ours, without
-                ray_serve.delete(APP_NAME, _blocking=False)  # waiting (a stopped job gets 3 s before SIGKILL)
-            else:
-                ray_serve.shutdown()
+            stop(on_cluster=bool(address))
 
 
 @app.command()
@@ -273,12 +268,11 @@ def demo(
     num_cpus: Optional[float] = typer.Option(None, help="Logical CPUs of the embedded Ray."),
 ):
     """The whole story on one embedded Ray: train (or resume), serve, query with real samples, shut down."""
-    from ray import serve as ray_serve
     from rich.table import Table
 
     from raybig.cluster import ray_session
     from raybig.data.datasets import load
-    from raybig.serve.app import entry_from_arg, start
+    from raybig.serve.app import entry_from_arg, start, stop
     from raybig.serve.client import post
     from raybig.train.runner import RunFailed, run as run_job
 
@@ -309,7 +303,7 @@ def demo(
                               "[green]ok[/]" if p["label"] == int(label) else "[red]wrong[/]")
             out.print(table)
         finally:
-            ray_serve.shutdown()
+            stop(on_cluster=False)
     out.print("[green]done[/]: the server is shut down; `raybig serve " + str(root) + "` serves it again",
               highlight=False)
 

@@ -14,6 +14,9 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # replica takes HTTP on its own port, 30000+, skipping the proxy hop), which raybig's serving relies on
 # for speed (docs/benchmarks.md). Read by Serve's processes, so set before Ray starts.
 os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+# A direct-ingress replica that stops keeps its port open 30 s by default, for a cloud load balancer to
+# deregister it; a Ray that raybig starts has none in front, and every Ctrl-C or demo then hung 30 s.
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
 
 
 def embedded_cpus(num_cpus: float | None) -> float:

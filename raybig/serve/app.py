@@ -208,6 +208,16 @@ def start(entries: list[ModelEntry], host: str, port: int, blocking: bool = Fals
     return f"http://{host}:{port}"
 
 
+def stop(on_cluster: bool) -> None:
+    """Take raybig's application down, leaving Serve itself to the Ray it runs on.
+
+    On a cluster, Serve may hold other applications, and a stopped job gets 3 s before SIGKILL: ask for the
+    deletion and go. On the embedded Ray, wait for the replicas to finish their requests; the Ray's own
+    shutdown then ends Serve's controller and proxy (serve.shutdown() has the controller kill itself
+    mid-call, which Ray reports on the terminal as a failed task)."""
+    serve.delete(APP_NAME, _blocking=not on_cluster)
+
+
 def direct_urls(host: str) -> list[str]:
     """The replicas' own HTTP addresses (Serve's direct ingress); the proxy's when Serve runs without it.
 
