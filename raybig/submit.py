@@ -17,9 +17,6 @@ from raybig.clusterspec import ClusterSpec
 from raybig.errors import SpecError
 from raybig.store_io import is_uri, join
 
-# Ray 2.60 clusters use token auth; Ray reads the mode when it is imported
-os.environ.setdefault("RAY_AUTH_MODE", "token")
-
 PROJECT_EXCLUDES = ["runs/", ".venv/", ".git/", "**/__pycache__/", "*.egg-info/", ".pytest_cache/"]
 # What `raybig submit --command` can run on the cluster. run and sweep take the spec and write into the
 # store; serve serves the run the spec trained, from the store.
