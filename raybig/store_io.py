@@ -140,13 +140,14 @@ class SyncedRunStore(RunStore):
         super().write_part(pending, part, model_state, trainer_state)
         self._upload(pending / f"part-{part}.safetensors", pending / f"part-{part}-trainer.pt")
 
-    def finish_checkpoint(self, pending: Path, meta: dict, info: dict, keep: int) -> Path:
+    def finish_checkpoint(self, pending: Path, meta: dict, info: dict, keep: int | None) -> Path:
         _download_dir(self.fs, self._remote(pending), pending)  # the parts pipeline ranks on other nodes wrote
         final = super().finish_checkpoint(pending, meta, info, keep)
         self._upload(final)
         _delete_dir(self.fs, self._remote(pending))
-        for old in self._remote_checkpoints()[:-keep]:
-            _delete_dir(self.fs, f"{self.remote}/checkpoints/{old}")
+        if keep is not None:
+            for old in self._remote_checkpoints()[:-keep]:
+                _delete_dir(self.fs, f"{self.remote}/checkpoints/{old}")
         return final
 
     def publish_model(self, model_state: dict, info: dict) -> None:

@@ -21,6 +21,18 @@ def test_checkpoints_keep_the_newest_and_publish_the_model(tmp_path):
     assert published.keys() == last.keys() and all(torch.equal(published[k], last[k]) for k in published)
 
 
+def test_a_sweep_trials_store_is_pruned_only_up_to_the_epoch_tune_has_copied(tmp_path):
+    _, store = train_locally(tmp_path, epochs=4, prune_checkpoints=False, optimizer={"name": "adam", "lr": 2e-3})
+    names = lambda: [p.name for p in store.checkpoint_dirs()]  # noqa: E731
+    assert names() == ["epoch-0001", "epoch-0002", "epoch-0003", "epoch-0004"]
+    store.prune(2, through_epoch=2)  # Tune has epochs 1-2: epoch 3 and 4 stay whatever `keep` says
+    assert names() == ["epoch-0001", "epoch-0002", "epoch-0003", "epoch-0004"]
+    store.prune(2, through_epoch=3)
+    assert names() == ["epoch-0002", "epoch-0003", "epoch-0004"]
+    store.prune(2, through_epoch=4)
+    assert names() == ["epoch-0003", "epoch-0004"]
+
+
 def test_a_half_written_checkpoint_is_never_picked(tmp_path):
     _, store = train_locally(tmp_path, epochs=2, optimizer={"name": "adam", "lr": 2e-3})
     (store.checkpoints / ".tmp-epoch-0003-deadbeef").mkdir()  # what a crash mid-write leaves behind

@@ -11,14 +11,14 @@ from raybig.train.loop import WorkerEnv, fit
 from raybig.train.optim import build_scheduler, penalized_weights
 
 
-def train_locally(tmp_path, **train):
+def train_locally(tmp_path, prune_checkpoints=True, **train):
     """The one training loop in this process (world size 1, no Ray): a small digits MLP, stored in tmp_path/run."""
     raw = {"name": "x", "model": {"kind": "mlp", "hidden": [64]}, "data": {"source": "digits"},
            "train": {"epochs": 3, "batch_size": 64, "seed": 0, **train}}
     spec = parse_spec(raw)
     bundle = load(spec.data)
     env = WorkerEnv(0, 1, torch.device("cpu"), MemorySource(bundle.train.x, bundle.train.y, 64, 0, 1, 0),
-                    MemorySource(bundle.val.x, bundle.val.y, 64, 0, 1, 0))
+                    MemorySource(bundle.val.x, bundle.val.y, 64, 0, 1, 0), prune_checkpoints=prune_checkpoints)
     store = RunStore(tmp_path / "run")
     history = fit(spec, bundle.meta, env, store)
     store.write_spec(spec.to_yaml())

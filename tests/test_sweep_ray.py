@@ -19,7 +19,7 @@ import yaml
 from conftest import RAY_CPUS
 from raybig.data.datasets import load
 from raybig.spec import load_spec, parse_spec
-from raybig.train.checkpoint import load_trained_model
+from raybig.train.checkpoint import RunStore, load_trained_model
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
@@ -214,17 +214,17 @@ def test_no_trial_keeps_its_workers_cpus(digits_sweep):
 
 
 # ----------------------------------------------------------------------------- PBT and the Bayesian searcher
-def quick_sweep(tmp_path, name, epochs, **sweep):
+def quick_sweep(tmp_path, name, epochs, batch_size=64, **sweep):
     return parse_spec({
         "name": name, "model": {"kind": "mlp", "hidden": [64]}, "data": {"source": "digits"},
-        "train": {"epochs": epochs, "batch_size": 64, "optimizer": {"name": "sgd", "lr": 0.05}, "seed": 0},
+        "train": {"epochs": epochs, "batch_size": batch_size, "optimizer": {"name": "sgd", "lr": 0.05}, "seed": 0},
         "output": {"dir": str(tmp_path / "runs")}, "sweep": sweep})
 
 
 def test_pbt_continues_weak_trials_from_strong_trials_checkpoints(ray_with_dashboard, tmp_path):
     from raybig.sweep.driver import run_sweep
 
-    spec = quick_sweep(tmp_path, "pbt", 4, trials=4, max_concurrent=2, seed=1,
+    spec = quick_sweep(tmp_path, "pbt", 4, batch_size=8, trials=4, max_concurrent=4, seed=1,
                        scheduler={"name": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5},
                        space={"train.optimizer.lr": {"loguniform": [1e-4, 0.3]},
                               "train.regularization.l2": {"loguniform": [1e-6, 1e-3]}})
@@ -239,7 +239,12 @@ def test_pbt_continues_weak_trials_from_strong_trials_checkpoints(ray_with_dashb
             (outcome.sweep_dir / "trials" / f"pbt-{row['trial']}" / "spec.yaml").read_text()))
         assert 1e-4 <= trial_spec.train.optimizer.lr <= 0.3
         history = json.loads((outcome.sweep_dir / "trials" / f"pbt-{row['trial']}" / "metrics.json").read_text())
-        assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+        assert [h["epoch"] for h in history] == list(range(1, spec.train.epochs + 1))
+    for result_file in (outcome.sweep_dir / "tune").glob("*/result.json"):  # every epoch reached Tune with its weights
+        reported = [json.loads(line) for line in result_file.read_text().splitlines()]
+        assert reported and all(r["checkpoint_dir_name"] for r in reported), result_file
+    for trial in (outcome.sweep_dir / "trials").iterdir():  # ... and then left the trial's store
+        assert len(RunStore(trial).checkpoint_dirs()) <= spec.checkpoint.keep, trial
     assert outcome.best is not None and (outcome.root / "model.safetensors").is_file()
 
 

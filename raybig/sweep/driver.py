@@ -157,8 +157,10 @@ def run_sweep(spec, *, resume: bool = False, fresh: bool = False, address: str |
                     trial_dirname_creator=trial_dirname),
                 run_config=tune.RunConfig(
                     name="tune", storage_path=str(sweep_dir), verbose=0, callbacks=[live],
-                    # PBT restores trials from other trials' checkpoints: keep a few more of them around
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if sweep.scheduler.name == "pbt" else 2),
+                    # Under PBT, Tune prunes nothing: it hands a donor's checkpoint to a paused trial that
+                    # may start only after the donor's own pruning deleted it ("does not exist on storage
+                    # anymore"), and it registers each checkpoint twice, so pruning deletes one twice.
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=None if sweep.scheduler.name == "pbt" else 2),
                     failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)))
         try:
             grid = tuner.fit()

@@ -4,7 +4,9 @@ values set, inside a Ray Tune trial.
 Each finished epoch is reported to Tune with a copy of that epoch's checkpoint, so schedulers act per
 epoch and a trial can be continued from a checkpoint: its own after an interrupted sweep resumes, or a
 better trial's when PBT exploits. Either way the trial's model store is rebuilt from that checkpoint
-before training, so the store and Tune agree on where the trial stands.
+before training, so the store and Tune agree on where the trial stands. Small models finish several
+epochs between two relays, so the workers leave every checkpoint in place and the trial prunes the
+store only after Tune has its copy.
 """
 from __future__ import annotations
 
@@ -45,8 +47,9 @@ def run_trial(config: dict, *, base: dict, space: dict, root: str) -> None:
     def relay(item: dict) -> None:
         if item["type"] == "epoch":
             _report(item, store)
+            store.prune(spec.checkpoint.keep, through_epoch=item["epoch"])
 
-    run(spec, num_cpus=cluster_cpus(), on_item=relay)
+    run(spec, num_cpus=cluster_cpus(), on_item=relay, prune_checkpoints=False)
 
 
 def _install(checkpoint: Path, store: RunStore) -> list[dict]:
@@ -63,23 +66,10 @@ def _report(record: dict, store: RunStore) -> None:
 
     metrics = {k: record[k] for k in REPORTED if k in record}
     source = store.checkpoints / f"{CHECKPOINT_PREFIX}{record['epoch']:04d}"
+    if not (source / "meta.json").is_file():  # no checkpoint this epoch (checkpoint.every_epochs)
+        tune.report(metrics)
+        return
     with tempfile.TemporaryDirectory(prefix="raybig-trial-") as tmp:
         copy = Path(tmp) / "checkpoint"
-        if _copy_whole(source, copy):
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(copy)))
-        else:  # no checkpoint this epoch (checkpoint.every_epochs), or the store pruned it already
-            tune.report(metrics)
-
-
-def _copy_whole(source: Path, copy: Path) -> bool:
-    """Copy a checkpoint while training goes on; the store prunes old epochs as it goes, so a copy counts
-    only if the checkpoint was still whole afterwards."""
-    try:
         shutil.copytree(source, copy)
-    except (FileNotFoundError, shutil.Error):
-        return False
-    return (copy / "meta.json").is_file() and _names(source) == _names(copy)
-
-
-def _names(directory: Path) -> list[str] | None:
-    return sorted(p.name for p in directory.iterdir()) if directory.is_dir() else None
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(copy)))

@@ -68,8 +68,9 @@ class RunStore:
         save_file(_contiguous(model_state), str(pending / f"part-{part}.safetensors"))
         torch.save(trainer_state, pending / f"part-{part}-trainer.pt")
 
-    def finish_checkpoint(self, pending: Path, meta: dict, info: dict, keep: int) -> Path:
-        """Merge the parts into one full model, rename the checkpoint into place, publish the model."""
+    def finish_checkpoint(self, pending: Path, meta: dict, info: dict, keep: int | None) -> Path:
+        """Merge the parts into one full model, rename the checkpoint into place, publish the model, and keep
+        the newest `keep` checkpoints (all of them when None: a sweep trial prunes once Tune has a copy)."""
         model_state = {}
         for part in sorted(pending.glob("part-*.safetensors")):
             model_state.update(load_file(str(part)))
@@ -80,10 +81,17 @@ class RunStore:
         if final.exists():  # the same epoch again after a restart: replace it
             shutil.rmtree(final)
         os.rename(pending, final)
-        for old in self.checkpoint_dirs()[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        if keep is not None:
+            self.prune(keep)
         self.publish_model(model_state, info)
         return final
+
+    def prune(self, keep: int, through_epoch: int | None = None) -> None:
+        """Delete all but the newest `keep` of the checkpoints up to `through_epoch` (of all when None)."""
+        dirs = [d for d in self.checkpoint_dirs()
+                if through_epoch is None or int(d.name[len(CHECKPOINT_PREFIX):]) <= through_epoch]
+        for old in dirs[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def adopt(self, checkpoint: Path, name: str) -> dict:
         """Make a copy of `checkpoint` (another run's epoch checkpoint) this run's checkpoint, history and

@@ -31,6 +31,9 @@ class WorkerEnv:
     val: object
     report: Callable[[dict], None] = lambda metrics: None  # every rank, once per epoch
     progress: Callable[[dict], None] | None = None  # rank 0 only: live updates for the driver
+    # False in a sweep trial: epochs can finish faster than the trial hands their checkpoints to Tune, so the
+    # trial prunes them itself once copied (raybig.sweep.trial)
+    prune_checkpoints: bool = True
 
     @property
     def distributed(self) -> bool:
@@ -201,7 +204,8 @@ def _save(spec, meta, store: RunStore, layout, optimizer, scheduler, record, his
                     "metrics": {k: v for k, v in record.items() if k != "step_losses"}}
             store.finish_checkpoint(pending, {"epoch": epoch, "step": record["step"], "history": history,
                                               "layout": _layout_key(spec), "optimizer": spec.train.optimizer.name,
-                                              "run": spec.name}, info, keep=spec.checkpoint.keep)
+                                              "run": spec.name}, info,
+                                    keep=spec.checkpoint.keep if env.prune_checkpoints else None)
     if env.rank == 0:
         store.write_history(history)
         if env.progress:

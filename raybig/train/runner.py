@@ -87,9 +87,10 @@ def prepare_store(spec: JobSpec, fresh: bool) -> tuple[RunStore, int]:
 
 
 def run(spec: JobSpec, *, address: str | None = None, num_cpus: float | None = None, fresh: bool = False,
-        verbose: bool = False, console=None, on_item=None) -> RunOutcome:
+        verbose: bool = False, console=None, on_item=None, prune_checkpoints: bool = True) -> RunOutcome:
     """Train `spec` to its last epoch. Progress (steps, finished epochs) goes to a live view on `console`,
-    or to `on_item(item)` when given (a sweep trial relays finished epochs to Ray Tune)."""
+    or to `on_item(item)` when given (a sweep trial relays finished epochs to Ray Tune). Without
+    `prune_checkpoints` every epoch checkpoint stays until the caller prunes the store."""
     from raybig.cluster import cluster_cpus, embedded_cpus, ray_session
     from raybig.train.progress import ProgressView, write_curves
 
@@ -106,18 +107,18 @@ def run(spec: JobSpec, *, address: str | None = None, num_cpus: float | None = N
         if address:
             check_plan(spec, meta, cluster_cpus())
         if on_item is not None:
-            _fit(spec, bundle, loader, store, on_item)
+            _fit(spec, bundle, loader, store, on_item, prune_checkpoints)
         else:
             with ProgressView(spec, console, resumed_from=done) as view:
-                _fit(spec, bundle, loader, store, view.handle)
+                _fit(spec, bundle, loader, store, view.handle, prune_checkpoints)
     history = store.history()
     write_curves(store.root, history)
     store.saved("curves.png", "tensorboard")
     return RunOutcome(store, history, resumed_from=done, seconds=time.perf_counter() - started)
 
 
-def build_trainer(spec: JobSpec, bundle, loader: str, store: RunStore, board=None, callbacks=()):
-    """The TorchTrainer for one run: `raybig run` adds a progress board, a sweep trial a Tune callback."""
+def build_trainer(spec: JobSpec, bundle, loader: str, store: RunStore, board=None, prune_checkpoints: bool = True):
+    """The TorchTrainer for one run; its rank 0 sends progress to `board` (a ProgressBoard actor)."""
     import ray
     import ray.train
     from ray.train import DataConfig
@@ -138,6 +139,7 @@ def build_trainer(spec: JobSpec, bundle, loader: str, store: RunStore, board=Non
             "spec": spec.model_dump(mode="json"), "meta": bundle.meta.to_dict(), "loader": loader,
             "store": store.location, "threads": max(1, int(res.cpus_per_worker)), "board": board,
             "train_rows": len(bundle.train), "val_rows": len(bundle.val), "arrays": arrays,
+            "prune_checkpoints": prune_checkpoints,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.parallelism.workers, use_gpu=res.gpus_per_worker > 0,
@@ -145,8 +147,7 @@ def build_trainer(spec: JobSpec, bundle, loader: str, store: RunStore, board=Non
         run_config=ray.train.RunConfig(
             name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str((store.root / ".ray").resolve()),
-            failure_config=ray.train.FailureConfig(max_failures=spec.failure.max_failures),
-            callbacks=list(callbacks)),
+            failure_config=ray.train.FailureConfig(max_failures=spec.failure.max_failures)),
         **streamed,
     )
 
@@ -156,13 +157,13 @@ def pick_loader(spec: JobSpec, bundle) -> str:
     return "memory" if spec.parallelism.pipeline.stages > 1 else choose_loader(spec.data.loader, bundle.nbytes)
 
 
-def _fit(spec: JobSpec, bundle, loader: str, store: RunStore, handle) -> None:
+def _fit(spec: JobSpec, bundle, loader: str, store: RunStore, handle, prune_checkpoints: bool) -> None:
     import ray
 
     from raybig.train.progress import ProgressBoard
 
     board = ProgressBoard.remote()
-    trainer = build_trainer(spec, bundle, loader, store, board=board)
+    trainer = build_trainer(spec, bundle, loader, store, board=board, prune_checkpoints=prune_checkpoints)
     error: list[BaseException] = []
 
     def target():

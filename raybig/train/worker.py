@@ -30,5 +30,6 @@ def train_loop_per_worker(config: dict) -> None:
         val = StreamSource(val_shard, config["val_rows"], batch, world, seed, meta.shape)
     board = config.get("board")
     progress = (lambda item: board.push.remote(item)) if board is not None and rank == 0 else None
-    env = WorkerEnv(rank, world, ray.train.torch.get_device(), train, val, report=ray.train.report, progress=progress)
+    env = WorkerEnv(rank, world, ray.train.torch.get_device(), train, val, report=ray.train.report, progress=progress,
+                    prune_checkpoints=config["prune_checkpoints"])
     fit(spec, meta, env, open_run_store(config["store"]))
