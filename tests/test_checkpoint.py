@@ -25,7 +25,7 @@ def test_a_sweep_trials_store_is_pruned_only_up_to_the_epoch_tune_has_copied(tmp
     _, store = train_locally(tmp_path, epochs=4, prune_checkpoints=False, optimizer={"name": "adam", "lr": 2e-3})
     names = lambda: [p.name for p in store.checkpoint_dirs()]  # noqa: E731
     assert names() == ["epoch-0001", "epoch-0002", "epoch-0003", "epoch-0004"]
-    store.prune(2, through_epoch=2)  # Tune has epochs 1-2: epoch 3 and 4 stay whatever `keep` says
+    store.prune(2, through_epoch=2)  # Tune has copied epochs 1-2 only: those are the 2 to keep so far
     assert names() == ["epoch-0001", "epoch-0002", "epoch-0003", "epoch-0004"]
     store.prune(2, through_epoch=3)
     assert names() == ["epoch-0002", "epoch-0003", "epoch-0004"]

@@ -70,8 +70,9 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(no_ray_i
         time.sleep(0.5)
     assert len(ended_trials(lines)) >= 2, "".join(lines)
     proc.send_signal(signal.SIGINT)  # Ctrl-C, to the driver only
-    stdout, _ = proc.communicate(timeout=180)
+    proc.wait(timeout=180)  # not communicate(): it would read stderr too, taking lines from under the reader
     reader.join(timeout=10)
+    stdout = proc.stdout.read()  # a short table: it fits the pipe while the sweep runs
     assert proc.returncode == 130, "".join(lines) + stdout
     assert "--resume" in "".join(lines)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from raybig.train.checkpoint import CHECKPOINT_PREFIX, RunStore
+from raybig.train.checkpoint import RunStore
 
 
 def trial_rows(grid, spec, sweep_dir: Path) -> tuple[list[dict], dict[str, list[dict]]]:
@@ -168,7 +168,7 @@ def plot(rows: list[dict], histories: dict[str, list[dict]], spec, out: Path) ->
 def _checkpoint_of(row: dict, trial_root: Path) -> Path:
     """The checkpoint of the trial's last reported epoch: in its store (which a stopped trial may have trained
     past), else the copy Tune kept, else the newest there is (model.json then says which epoch it is)."""
-    reported = [trial_root / "checkpoints" / f"{CHECKPOINT_PREFIX}{row['epochs']:04d}"]
+    reported = [RunStore(trial_root).checkpoint_dir(row["epochs"])]
     if row["checkpoint"]:
         reported.append(Path(row["checkpoint"]))
     for path in reported:

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from raybig.sweep.space import clip_to_space, trial_spec
-from raybig.train.checkpoint import CHECKPOINT_PREFIX, RunStore
+from raybig.train.checkpoint import RunStore
 
 # Reported to Tune for every epoch: scalars only (per-step losses and per-rank lists stay in the store).
 REPORTED = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1", "lr",
@@ -65,7 +65,7 @@ def _report(record: dict, store: RunStore) -> None:
     from ray import tune
 
     metrics = {k: record[k] for k in REPORTED if k in record}
-    source = store.checkpoints / f"{CHECKPOINT_PREFIX}{record['epoch']:04d}"
+    source = store.checkpoint_dir(record["epoch"])
     if not (source / "meta.json").is_file():  # no checkpoint this epoch (checkpoint.every_epochs)
         tune.report(metrics)
         return

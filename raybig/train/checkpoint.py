@@ -48,6 +48,13 @@ class RunStore:
         return sorted(p for p in self.checkpoints.iterdir()
                       if p.name.startswith(CHECKPOINT_PREFIX) and (p / "meta.json").is_file())
 
+    def checkpoint_dir(self, epoch: int) -> Path:
+        return self.checkpoints / f"{CHECKPOINT_PREFIX}{epoch:04d}"
+
+    @staticmethod
+    def epoch_of(checkpoint: Path) -> int:
+        return int(checkpoint.name[len(CHECKPOINT_PREFIX):])
+
     def latest(self) -> Path | None:
         dirs = self.checkpoint_dirs()
         return dirs[-1] if dirs else None
@@ -77,7 +84,7 @@ class RunStore:
         save_file(model_state, str(pending / "model.safetensors"))
         (pending / "model.json").write_text(json.dumps(info, indent=1))  # a checkpoint can be published alone
         (pending / "meta.json").write_text(json.dumps(meta, indent=1))
-        final = self.checkpoints / f"{CHECKPOINT_PREFIX}{meta['epoch']:04d}"
+        final = self.checkpoint_dir(meta["epoch"])
         if final.exists():  # the same epoch again after a restart: replace it
             shutil.rmtree(final)
         os.rename(pending, final)
@@ -88,8 +95,7 @@ class RunStore:
 
     def prune(self, keep: int, through_epoch: int | None = None) -> None:
         """Delete all but the newest `keep` of the checkpoints up to `through_epoch` (of all when None)."""
-        dirs = [d for d in self.checkpoint_dirs()
-                if through_epoch is None or int(d.name[len(CHECKPOINT_PREFIX):]) <= through_epoch]
+        dirs = [d for d in self.checkpoint_dirs() if through_epoch is None or self.epoch_of(d) <= through_epoch]
         for old in dirs[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -98,7 +104,7 @@ class RunStore:
         published model, under this run's `name`; returns the checkpoint's meta. A sweep trial continues
         from one this way, and a sweep's best trial becomes a run of its own."""
         meta = json.loads((checkpoint / "meta.json").read_text())
-        target = self.checkpoints / f"{CHECKPOINT_PREFIX}{meta['epoch']:04d}"
+        target = self.checkpoint_dir(meta["epoch"])
         shutil.copytree(checkpoint, target)
         self.write_history(meta["history"])
         info = json.loads((target / "model.json").read_text())

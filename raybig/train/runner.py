@@ -82,7 +82,7 @@ def prepare_store(spec: JobSpec, fresh: bool) -> tuple[RunStore, int]:
         if changed:
             raise SpecError(f"{store.location} holds a run with a different {' and '.join(changed)} section; "
                             "pass --fresh to start over, or choose another name", "name")
-    done = int(latest.name.split("-")[-1]) if latest is not None else 0
+    done = store.epoch_of(latest) if latest is not None else 0
     return store, done
 
 
