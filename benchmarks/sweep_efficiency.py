@@ -47,7 +47,7 @@ def main() -> None:
     asha = {"name": "asha",
             "grace_period": args.grace or (own.grace_period if own.name == "asha" else 1),
             "reduction_factor": args.rf or (own.reduction_factor if own.name == "asha" else 3.0)}
-    with tempfile.TemporaryDirectory(prefix="sweep-bench-") as tmp, ray_session(num_cpus=args.cpus, dashboard=True):
+    with tempfile.TemporaryDirectory(prefix="sweep-bench-") as tmp, ray_session(num_cpus=args.cpus):
         spec, early, early_s = sweep(args.spec, Path(tmp) / "asha", asha, args.trials, args.cpus)
         _, full, full_s = sweep(args.spec, Path(tmp) / "full", {"name": "fifo"}, args.trials, args.cpus)
 

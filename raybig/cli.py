@@ -60,13 +60,16 @@ def validate(
         for line in describe_stages(build_model(spec.model, meta), p.pipeline):
             out.print(f"  {line}", highlight=False)
     if spec.sweep is not None:
-        from raybig.sweep.driver import expected_trials
+        from raybig.sweep.driver import concurrency_note, expected_trials
 
         sw = spec.sweep
         out.print(f"  sweep: {expected_trials(sw)} trial(s), {sw.searcher} search, {sw.scheduler.name} scheduler, "
                   f"{sw.goal} {sw.metric}, {sw.max_concurrent} at a time", highlight=False)
         for path, dim in sw.space.items():
             out.print(f"    {path}: {dim.kind} {dim.args}", highlight=False)
+        note = concurrency_note(spec, embedded_cpus(num_cpus))
+        if note:
+            out.print(f"  [yellow]{note}[/]", highlight=False)
 
 
 @app.command()
@@ -190,7 +193,7 @@ def serve_runs(
     import time
 
     from raybig.cluster import ray_session
-    from raybig.serve.app import direct_urls, entry_from_arg, start, stop
+    from raybig.serve.app import ServeStartFailed, direct_urls, entry_from_arg, start, stop
 
     try:
         entries = [entry_from_arg(arg) for arg in runs]
@@ -205,7 +208,11 @@ def serve_runs(
             out.print(f"wrote {path}", highlight=False)
         return
     with ray_session(address, num_cpus):
-        url = start(entries, host or first.host, port or first.port)
+        try:
+            url = start(entries, host or first.host, port or first.port)
+        except ServeStartFailed as error:
+            err.print(f"[bold red]serve failed[/]: {error}", highlight=False)
+            raise typer.Exit(1)
         for e in entries:
             route = "generate" if e.info["data"]["task"] == "lm" else "predict"
             out.print(f"{e.name} {e.version}: POST {url}/v1/models/{e.name}/{route}", highlight=False)
@@ -272,7 +279,7 @@ def demo(
 
     from raybig.cluster import ray_session
     from raybig.data.datasets import load
-    from raybig.serve.app import entry_from_arg, start, stop
+    from raybig.serve.app import ServeStartFailed, entry_from_arg, start, stop
     from raybig.serve.client import post
     from raybig.train.runner import RunFailed, run as run_job
 
@@ -289,7 +296,10 @@ def demo(
                   f"{outcome.final.get('val_accuracy', float('nan')):.2%}, epoch {outcome.final.get('epoch')})",
                   highlight=False)
         entry = entry_from_arg(str(root))
-        url = start([entry], spec.serve.host, spec.serve.port)
+        try:
+            url = start([entry], spec.serve.host, spec.serve.port)
+        except ServeStartFailed as error:
+            _fail(SpecError(str(error)))
         out.print(f"[green]serving[/]: POST {url}/v1/models/{entry.name}/predict", highlight=False)
         try:
             bundle = load(spec.data)

@@ -24,20 +24,19 @@ def embedded_cpus(num_cpus: float | None) -> float:
 
 
 @contextmanager
-def ray_session(address: str | None = None, num_cpus: float | None = None, verbose: bool = False,
-                dashboard: bool = False):
+def ray_session(address: str | None = None, num_cpus: float | None = None, verbose: bool = False):
     """Start (and afterwards stop) an embedded Ray, or join one; reuse a Ray this process already runs.
 
     `address="local"` matters: a bare ray.init() would try to join whatever cluster
-    /tmp/ray/ray_current_cluster names, even a dead one. The dashboard (which also serves Ray's state
-    API) costs start-up time and memory, so only sweeps ask for it (see raybig.sweep.driver).
+    /tmp/ray/ray_current_cluster names, even a dead one. No dashboard: it costs start-up time and
+    memory, and nothing of raybig's needs it (sweeps free their trials' resources through Tune).
     """
     import ray
 
     if ray.is_initialized():
         yield
         return
-    kwargs = dict(include_dashboard=dashboard, log_to_driver=verbose,
+    kwargs = dict(include_dashboard=False, log_to_driver=verbose,
                   logging_level=logging.INFO if verbose else logging.WARNING)
     if address:
         ray.init(address=address, **kwargs)
@@ -53,6 +52,12 @@ def cluster_cpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("CPU", 0))
+
+
+def cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0))
 
 
 def logs_dir() -> str | None:

@@ -311,6 +311,8 @@ class PbtScheduler(Strict):
                                      description="The bottom fraction copies the top fraction's checkpoint.")
     resample_probability: float = Field(default=0.25, ge=0, le=1,
                                         description="Chance to resample a value instead of perturbing it.")
+    synch: bool = Field(default=True, description="Exploit when every trial has reached the interval (the "
+                        "same decisions on a busy machine as on an idle one); false: as each trial arrives.")
 
 
 SchedulerSpec = Annotated[Union[FifoScheduler, AshaScheduler, PbtScheduler], Field(discriminator="name")]

@@ -41,3 +41,26 @@ def spec_dict(tmp_path, **sections) -> dict:
     }
     base.update(sections)
     return base
+
+
+def processes_left(mark: str, within_s: float = 30.0) -> list[str]:
+    """Processes whose environment carries RAYBIG_COMMAND_MARK=`mark` (a command started with it, and the Ray it
+    started: GCS, raylet and workers inherit the variable) still alive after up to `within_s`."""
+    import time
+
+    import psutil
+
+    needle = f"RAYBIG_COMMAND_MARK={mark}".encode()
+    deadline = time.monotonic() + within_s
+    while True:
+        left = []
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                with open(f"/proc/{proc.pid}/environ", "rb") as f:
+                    if needle in f.read().split(b"\0") and proc.status() != psutil.STATUS_ZOMBIE:
+                        left.append(f"{proc.pid} {' '.join(proc.info['cmdline'] or [])[:120]}")
+            except (OSError, psutil.Error):
+                continue
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)

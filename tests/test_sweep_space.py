@@ -151,3 +151,29 @@ def test_a_loaded_optimizer_state_takes_the_specs_hyperparameters():
     assert mine.state[w2]["step"] == 12  # the moments are the donor's
     sched.step()
     assert mine.param_groups[0]["lr"] == pytest.approx(4e-3 * 0.5)
+
+
+def test_a_sampled_field_of_the_default_optimizer_lands_on_that_optimizer(tmp_path):
+    raw = spec_dict(tmp_path, sweep={"space": {"train.optimizer.lr": {"loguniform": [1e-4, 1e-1]}}})
+    raw["train"] = {"epochs": 2}  # the optimizer left at its default (adamw)
+    spec = parse_spec(raw)
+    trial = trial_spec(base_of(spec), {"train.optimizer.lr": 0.02}, "t-1", str(tmp_path))
+    assert trial.train.optimizer.name == spec.train.optimizer.name == "adamw"
+    assert trial.train.optimizer.lr == 0.02
+
+
+def test_axes_valid_alone_but_not_together_are_refused_up_front(tmp_path):
+    raw = spec_dict(tmp_path, sweep={"space": {"train.batch_size": {"choice": [64, 63]},
+                                               "parallelism.data": {"choice": [1, 2]}}})
+    (problem,) = problems_of(raw)
+    assert problem[0] == "sweep.space"
+    assert "train.batch_size=63 with parallelism.data=2" in problem[1] and "divisible" in problem[1]
+
+
+def test_every_probe_combination_of_an_accepted_space_gives_a_valid_trial(tmp_path):
+    import itertools
+
+    spec = parse_spec(yaml.safe_load((JOBS / "digits_sweep.yaml").read_text()))
+    space = spec.sweep.space
+    for values in itertools.product(*(dim.probes() for dim in space.values())):
+        trial_spec(base_of(spec), dict(zip(space, values)), "t-1", str(tmp_path))  # raises if one is invalid

@@ -200,11 +200,31 @@ def build_app(entries: list[ModelEntry]):
     return ModelServer.options(**options).bind(described, defaults, settings)
 
 
-def start(entries: list[ModelEntry], host: str, port: int, blocking: bool = False):
-    """Run the application on Serve's HTTP proxy at host:port; returns the base URL."""
+# How long the replicas may take to load their models and answer Serve's health check. Serve's own wait has
+# no bound: replicas the cluster cannot place (too few CPUs) would keep `raybig serve` waiting for good.
+START_TIMEOUT_S = float(os.environ.get("RAYBIG_SERVE_START_TIMEOUT_S", "300"))
+
+
+class ServeStartFailed(RuntimeError):
+    pass
+
+
+def start(entries: list[ModelEntry], host: str, port: int) -> str:
+    """Run the application on Serve's HTTP proxy at host:port, once its replicas are up; returns the base URL."""
+    from ray.serve.context import _get_global_client
+
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # per-request logs stay in Ray's log files
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(entries), name=APP_NAME, route_prefix="/", blocking=blocking)
+    serve._run(build_app(entries), name=APP_NAME, route_prefix="/", _blocking=False)
+    try:
+        _get_global_client()._wait_for_application_running(APP_NAME, timeout_s=START_TIMEOUT_S)
+    except TimeoutError:
+        serve.delete(APP_NAME, _blocking=False)
+        raise ServeStartFailed(f"the Serve application's replicas were not running within {START_TIMEOUT_S:g} s "
+                               f"(RAYBIG_SERVE_START_TIMEOUT_S); does the cluster have the CPUs that "
+                               f"serve.replicas x serve.cpus_per_replica ask for?") from None
+    except RuntimeError as err:  # DEPLOY_FAILED: a replica raised while loading its model
+        raise ServeStartFailed(str(err)) from err
     return f"http://{host}:{port}"
 
 

@@ -1,12 +1,14 @@
 """`raybig sweep`: Ray Tune over full raybig runs, then the results table, plots and the best model.
 
-Why the dashboard is on for sweeps: Tune ends a trial (ASHA stops it, PBT pauses it) by ending the trial's
-actor, which takes its Ray Train controller with it before the controller can free its workers' placement
-group. Ray Train's cleaner frees it only after asking Ray's state API whether the controller is dead, and
-that API is served by the dashboard; without it every stopped trial would keep its CPUs for good.
+Each trial asks Tune for one placement group: an empty bundle for the trial's own actor and one bundle per
+rank, in which the trial starts its ranks (raybig.train.group). Tune creates and removes that group on the
+driver as trials start, stop, pause and fail, so a trial's CPUs are free the moment Tune is done with it,
+and Tune starts only as many trials as the cluster holds. Nothing depends on the dashboard or on Ray
+Train's placement-group cleaner (which left stopped trials' CPUs taken: ray-project/ray#54305).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raybig.errors import SpecError
-from raybig.sweep.space import base_of, mutations, tune_space
+from raybig.sweep.space import base_of, clip_to_space, mutations, trial_spec, tune_space
 
 @dataclass
 class SweepOutcome:
@@ -27,10 +29,30 @@ class SweepOutcome:
     seconds: float
 
 
-# What a trial's own actor reserves: no CPU, since it only waits on its Ray Train workers, which reserve theirs
-# in their own placement group (a CPU fraction here would leave 2 x 2 workers unable to fit on 4 CPUs). Tune
-# needs some resource to reserve, and the trial does hold its data in memory.
-TRIAL_DRIVER = {"memory": 256 * 1024 * 1024}
+def trial_resources(config: dict, *, base: dict, space: dict):
+    """The placement group of one trial (Tune calls this per sampled config, on the driver): nothing for the
+    trial's actor, which only waits on its ranks, and a bundle per rank. A layout the cluster can never hold
+    gets a token bundle instead, so the trial starts, fails at once with the reason, and the sweep goes on
+    (Tune would otherwise keep it pending for good)."""
+    import ray
+    from ray.tune import PlacementGroupFactory
+
+    from raybig.train.group import unschedulable, worker_bundles
+
+    spec = trial_spec(base, clip_to_space(config, space), base["name"], "unused")
+    if unschedulable(spec, ray.cluster_resources()):
+        return PlacementGroupFactory([{"memory": 1}])
+    return PlacementGroupFactory([{}] + worker_bundles(spec), strategy="PACK")
+
+
+def concurrency_note(spec, cpus: float) -> str | None:
+    """When max_concurrent trials of the base layout cannot all fit, how many will run at once."""
+    need = spec.parallelism.workers * spec.resources.cpus_per_worker
+    fits = int(cpus // need) if need else spec.sweep.max_concurrent
+    if fits >= spec.sweep.max_concurrent:
+        return None
+    return (f"sweep.max_concurrent: {spec.sweep.max_concurrent} trials x {need:g} CPUs do not fit the cluster's "
+            f"{cpus:g} CPUs; {fits} run at a time")
 
 
 def sweep_paths(spec) -> tuple[Path, Path]:
@@ -58,7 +80,7 @@ def _scheduler(sweep, epochs: int):
     if s.name == "pbt":
         return PopulationBasedTraining(time_attr="epoch", perturbation_interval=s.perturbation_interval,
                                        hyperparam_mutations=mutations(sweep), quantile_fraction=s.quantile_fraction,
-                                       resample_probability=s.resample_probability)
+                                       resample_probability=s.resample_probability, synch=s.synch)
     return FIFOScheduler()
 
 
@@ -110,7 +132,7 @@ def run_sweep(spec, *, resume: bool = False, fresh: bool = False, address: str |
               num_cpus: float | None = None, verbose: bool = False, console=None) -> SweepOutcome:
     from ray import tune
 
-    from raybig.cluster import cluster_cpus, embedded_cpus, ray_session
+    from raybig.cluster import cluster_cpus, cluster_gpus, embedded_cpus, ray_session
     from raybig.data.datasets import describe
     from raybig.sweep.live import LiveTable
     from raybig.sweep.results import best_row, plot, register_best, trial_rows, write_table
@@ -121,6 +143,8 @@ def run_sweep(spec, *, resume: bool = False, fresh: bool = False, address: str |
     if sweep is None:
         raise SpecError("the spec has no sweep section; add one (see docs/sweeps.md)", "sweep")
     root, sweep_dir = sweep_paths(spec)
+    if spec.data.loader == "stream":
+        raise SpecError("a sweep trial's ranks hold the data in memory; stream is for single runs", "data.loader")
     meta = describe(spec.data)
     check_plan(spec, meta, None if address else embedded_cpus(num_cpus))
     tune_dir = sweep_dir / "tune"
@@ -134,13 +158,15 @@ def run_sweep(spec, *, resume: bool = False, fresh: bool = False, address: str |
     started = time.perf_counter()
     _quiet_tune()
     live = LiveTable(spec, console)
-    with ray_session(address, num_cpus, verbose, dashboard=True):
-        if address:
-            check_plan(spec, meta, cluster_cpus())
+    base = _absolute_paths(base_of(spec))
+    with ray_session(address, num_cpus, verbose):
+        check_plan(spec, meta, cluster_cpus(), cluster_gpus())
+        note = concurrency_note(spec, cluster_cpus())
+        if note:
+            live.console.print(f"[yellow]{note}[/]", highlight=False)
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, base=_absolute_paths(base_of(spec)), space=sweep.space,
-                                 root=str(sweep_dir)),
-            TRIAL_DRIVER)
+            tune.with_parameters(run_trial, base=base, space=sweep.space, root=str(sweep_dir)),
+            functools.partial(trial_resources, base=base, space=sweep.space))
         if resume:
             tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=False,
                                        restart_errored=False)
@@ -153,7 +179,7 @@ def run_sweep(spec, *, resume: bool = False, fresh: bool = False, address: str |
                     num_samples=1 if sweep.searcher == "grid" else sweep.num_trials,
                     search_alg=_searcher(sweep), scheduler=_scheduler(sweep, spec.train.epochs),
                     max_concurrent_trials=sweep.max_concurrent if sweep.searcher == "optuna" else None,
-                    time_budget_s=sweep.time_budget_s,
+                    time_budget_s=sweep.time_budget_s, reuse_actors=False,
                     trial_dirname_creator=trial_dirname),
                 run_config=tune.RunConfig(
                     name="tune", storage_path=str(sweep_dir), verbose=0, callbacks=[live],

@@ -20,8 +20,12 @@ PERTURBABLE = ("train.optimizer.", "train.regularization.")
 
 def base_of(spec) -> dict:
     """The spec as the user wrote it (unset fields left out, so they take the defaults of whatever a trial
-    samples, e.g. another optimizer's), without the sweep section."""
-    return spec.model_dump(mode="json", exclude_unset=True, exclude={"sweep"})
+    samples, e.g. another optimizer's), without the sweep section. The optimizer's name is always in: a
+    sampled train.optimizer.lr must land on the optimizer the spec resolves to, even the default one."""
+    from raybig.spec import set_path
+
+    base = spec.model_dump(mode="json", exclude_unset=True, exclude={"sweep"})
+    return set_path(base, f"{OPTIMIZER}.name", spec.train.optimizer.name)
 
 
 def _optimizer_fields() -> dict[str, set[str]]:
@@ -76,7 +80,36 @@ def space_problems(spec) -> list[tuple[str, str]]:
         problem = _axis_problem(base, path, dim, names)
         if problem:
             problems.append((f"sweep.space.{path}", problem))
+    if not problems:
+        problems += _combination_problems(base, sweep.space)
     return problems + _plan_problems(sweep)
+
+
+# Above this many combinations of probe values, only each axis alone is checked (parsing a spec takes ~0.1 ms).
+MAX_COMBINATIONS = 4096
+
+
+def _combination_problems(base: dict, space: dict) -> list[tuple[str, str]]:
+    """Axes can be valid alone and not together (a batch size the data degree does not divide): parse the
+    spec at every combination of the axes' probe values."""
+    import itertools
+    import math
+
+    from raybig.spec import parse_spec
+
+    paths = list(space)
+    probes = [space[path].probes() for path in paths]
+    if len(paths) < 2 or math.prod(len(p) for p in probes) > MAX_COMBINATIONS:
+        return []
+    for values in itertools.product(*probes):
+        config = dict(zip(paths, values))
+        try:
+            parse_spec(apply_config(base, config))
+        except SpecError as err:
+            problem_path, message = err.problems[0]
+            together = " with ".join(f"{path}={value!r}" for path, value in config.items())
+            return [("sweep.space", f"{together}: {problem_path}: {message}")]
+    return []
 
 
 def _axis_problem(base: dict, path: str, dim, optimizer_names: list[str]) -> str | None:

@@ -1,5 +1,6 @@
-"""One sweep trial: a full raybig run (its own TorchTrainer and layout) of the base spec with the sampled
-values set, inside a Ray Tune trial.
+"""One sweep trial: a full raybig run (its own ranks and layout) of the base spec with the sampled values
+set, inside a Ray Tune trial. The ranks are the trial's own actors, in the bundles Tune reserved for it
+(raybig.train.group), so whatever ends the trial frees them.
 
 Each finished epoch is reported to Tune with a copy of that epoch's checkpoint, so schedulers act per
 epoch and a trial can be continued from a checkpoint: its own after an interrupted sweep resumes, or a
@@ -28,11 +29,17 @@ def run_trial(config: dict, *, base: dict, space: dict, root: str) -> None:
     sweep's directory; the trial's run lives in root/trials/<trial id>/."""
     from ray import tune
 
+    import ray
+
     from raybig.cluster import cluster_cpus
-    from raybig.train.runner import run
+    from raybig.train.group import fit_on_actors, unschedulable
+    from raybig.train.runner import RunFailed, run
 
     trial_id = tune.get_context().get_trial_id()
     spec = trial_spec(base, clip_to_space(config, space), f"{base['name']}-{trial_id}", str(Path(root) / "trials"))
+    reason = unschedulable(spec, ray.cluster_resources())
+    if reason:  # Tune gave it no bundles (raybig.sweep.driver.trial_resources): it could wait for ever
+        raise RunFailed(reason)
     store = RunStore(Path(spec.output.dir) / spec.name)
     store.discard()  # a trial starts from Tune's checkpoint or from scratch, never from leftovers
     restored = tune.get_checkpoint()
@@ -49,7 +56,7 @@ def run_trial(config: dict, *, base: dict, space: dict, root: str) -> None:
             _report(item, store)
             store.prune(spec.checkpoint.keep, through_epoch=item["epoch"])
 
-    run(spec, num_cpus=cluster_cpus(), on_item=relay, prune_checkpoints=False)
+    run(spec, num_cpus=cluster_cpus(), on_item=relay, prune_checkpoints=False, fit_with=fit_on_actors)
 
 
 def _install(checkpoint: Path, store: RunStore) -> list[dict]:

@@ -33,8 +33,9 @@ class RunOutcome:
         return self.history[-1] if self.history else {}
 
 
-def check_plan(spec: JobSpec, meta: DataMeta, cpus: float | None) -> None:
-    """Cross-checks that need the data or the cluster, made before any worker starts."""
+def check_plan(spec: JobSpec, meta: DataMeta, cpus: float | None, gpus: float | None = None) -> None:
+    """Cross-checks that need the data or the cluster (its CPUs and GPUs, where known), made before any
+    worker starts."""
     problems = []
     if spec.model.num_classes is not None and spec.model.num_classes != meta.num_classes:
         problems.append(("model.num_classes", f"{spec.model.num_classes}, but the data has {meta.num_classes} classes"))
@@ -59,6 +60,10 @@ def check_plan(spec: JobSpec, meta: DataMeta, cpus: float | None) -> None:
         problems.append(("parallelism.data", f"{workers} workers x resources.cpus_per_worker "
                          f"{spec.resources.cpus_per_worker:g} need {need:g} CPUs but the cluster has {cpus:g}; "
                          "lower the degree or the CPUs per worker"))
+    need_gpus = workers * spec.resources.gpus_per_worker
+    if gpus is not None and need_gpus > gpus:
+        problems.append(("resources.gpus_per_worker", f"{workers} workers x {spec.resources.gpus_per_worker:g} GPUs "
+                         f"need {need_gpus:g} GPUs but the cluster has {gpus:g}; Ray would wait for them for good"))
     if problems:
         raise SpecError(problems)
 
@@ -87,11 +92,13 @@ def prepare_store(spec: JobSpec, fresh: bool) -> tuple[RunStore, int]:
 
 
 def run(spec: JobSpec, *, address: str | None = None, num_cpus: float | None = None, fresh: bool = False,
-        verbose: bool = False, console=None, on_item=None, prune_checkpoints: bool = True) -> RunOutcome:
+        verbose: bool = False, console=None, on_item=None, prune_checkpoints: bool = True,
+        fit_with=None) -> RunOutcome:
     """Train `spec` to its last epoch. Progress (steps, finished epochs) goes to a live view on `console`,
     or to `on_item(item)` when given (a sweep trial relays finished epochs to Ray Tune). Without
-    `prune_checkpoints` every epoch checkpoint stays until the caller prunes the store."""
-    from raybig.cluster import cluster_cpus, embedded_cpus, ray_session
+    `prune_checkpoints` every epoch checkpoint stays until the caller prunes the store. `fit_with` is the
+    worker group: Ray Train by default, a sweep trial's own actors in a sweep (raybig.train.group)."""
+    from raybig.cluster import cluster_cpus, cluster_gpus, embedded_cpus, ray_session
     from raybig.train.progress import ProgressView, write_curves
 
     meta = describe(spec.data)
@@ -104,22 +111,35 @@ def run(spec: JobSpec, *, address: str | None = None, num_cpus: float | None = N
     loader = pick_loader(spec, bundle)
     started = time.perf_counter()
     with ray_session(address, num_cpus, verbose):
-        if address:
-            check_plan(spec, meta, cluster_cpus())
+        check_plan(spec, meta, cluster_cpus(), cluster_gpus())
+        fit = fit_with or fit_with_ray_train
         if on_item is not None:
-            _fit(spec, bundle, loader, store, on_item, prune_checkpoints)
+            fit(spec, bundle, loader, store, on_item, prune_checkpoints)
         else:
             with ProgressView(spec, console, resumed_from=done) as view:
-                _fit(spec, bundle, loader, store, view.handle, prune_checkpoints)
+                fit(spec, bundle, loader, store, view.handle, prune_checkpoints)
     history = store.history()
     write_curves(store.root, history)
     store.saved("curves.png", "tensorboard")
     return RunOutcome(store, history, resumed_from=done, seconds=time.perf_counter() - started)
 
 
+def loop_config(spec: JobSpec, bundle, loader: str, store: RunStore, board=None, prune_checkpoints: bool = True) -> dict:
+    """What every rank is handed, whichever worker group runs it (raybig.train.worker.run_rank)."""
+    import ray
+
+    arrays = None
+    if loader == "memory":  # every rank holds the small splits whole: through the object store, without Ray
+        # Data's actors, whose polling took CPU from the ranks for the whole run (docs/benchmarks.md, pipeline bubble)
+        arrays = {"train": ray.put((bundle.train.x, bundle.train.y)), "val": ray.put((bundle.val.x, bundle.val.y))}
+    return {"spec": spec.model_dump(mode="json"), "meta": bundle.meta.to_dict(), "loader": loader,
+            "store": store.location, "threads": max(1, int(spec.resources.cpus_per_worker)), "board": board,
+            "train_rows": len(bundle.train), "val_rows": len(bundle.val), "arrays": arrays,
+            "prune_checkpoints": prune_checkpoints}
+
+
 def build_trainer(spec: JobSpec, bundle, loader: str, store: RunStore, board=None, prune_checkpoints: bool = True):
     """The TorchTrainer for one run; its rank 0 sends progress to `board` (a ProgressBoard actor)."""
-    import ray
     import ray.train
     from ray.train import DataConfig
     from ray.train.torch import TorchTrainer
@@ -127,20 +147,12 @@ def build_trainer(spec: JobSpec, bundle, loader: str, store: RunStore, board=Non
     from raybig.train.worker import train_loop_per_worker
 
     res = spec.resources
-    arrays, streamed = None, {}
+    streamed = {}
     if loader == "stream":
         streamed = {"datasets": to_ray_datasets(bundle), "dataset_config": DataConfig(datasets_to_split=["train", "val"])}
-    else:  # every rank holds the small splits whole: through the object store, without Ray Data's actors, whose
-        # polling took CPU from the ranks for the whole run (docs/benchmarks.md, pipeline bubble)
-        arrays = {"train": ray.put((bundle.train.x, bundle.train.y)), "val": ray.put((bundle.val.x, bundle.val.y))}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "spec": spec.model_dump(mode="json"), "meta": bundle.meta.to_dict(), "loader": loader,
-            "store": store.location, "threads": max(1, int(res.cpus_per_worker)), "board": board,
-            "train_rows": len(bundle.train), "val_rows": len(bundle.val), "arrays": arrays,
-            "prune_checkpoints": prune_checkpoints,
-        },
+        train_loop_config=loop_config(spec, bundle, loader, store, board, prune_checkpoints),
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.parallelism.workers, use_gpu=res.gpus_per_worker > 0,
             resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})}),
@@ -157,9 +169,8 @@ def pick_loader(spec: JobSpec, bundle) -> str:
     return "memory" if spec.parallelism.pipeline.stages > 1 else choose_loader(spec.data.loader, bundle.nbytes)
 
 
-def _fit(spec: JobSpec, bundle, loader: str, store: RunStore, handle, prune_checkpoints: bool) -> None:
-    import ray
-
+def fit_with_ray_train(spec: JobSpec, bundle, loader: str, store: RunStore, handle, prune_checkpoints: bool) -> None:
+    """Train on a Ray Train worker group (TorchTrainer), relaying rank 0's progress to `handle`."""
     from raybig.train.progress import ProgressBoard
 
     board = ProgressBoard.remote()
@@ -176,15 +187,32 @@ def _fit(spec: JobSpec, bundle, loader: str, store: RunStore, handle, prune_chec
     thread.start()
     while thread.is_alive():
         thread.join(timeout=0.5)
-        for item in ray.get(board.drain.remote()):
-            handle(item)
-    for item in ray.get(board.drain.remote()):
-        handle(item)
+        relay_progress(board, handle)
+    relay_progress(board, handle)
     if error:
-        from raybig.cluster import logs_dir
+        raise RunFailed(explain_failure(error[0])) from error[0]
 
-        where = logs_dir()
-        raise RunFailed(_explain(error[0]) + (f"\nworker logs: {where}" if where else "")) from error[0]
+
+# How long the driver waits for the progress board (a zero-CPU actor of its own) to answer one drain.
+BOARD_TIMEOUT_S = 60.0
+
+
+def relay_progress(board, handle) -> None:
+    import ray
+
+    try:
+        items = ray.get(board.drain.remote(), timeout=BOARD_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        raise RunFailed(f"the run's progress board did not answer within {BOARD_TIMEOUT_S:g} s") from None
+    for item in items:
+        handle(item)
+
+
+def explain_failure(err: BaseException) -> str:
+    from raybig.cluster import logs_dir
+
+    where = logs_dir()
+    return _explain(err) + (f"\nworker logs: {where}" if where else "")
 
 
 def _explain(err: BaseException) -> str:

@@ -1,0 +1,137 @@
+"""A sweep trial's own worker group: one Ray actor per rank, inside the placement group Ray Tune reserved
+for the trial.
+
+Why not Ray Train here: Tune ends a trial (ASHA stops it, PBT pauses it, the sweep is interrupted) by
+ending the trial's actor, and a TorchTrainer's controller dies with it before it can free its workers'
+placement group; the group then holds its CPUs until Ray Train's cleaner notices, late or never
+(ray-project/ray#54305), and the next trials wait for good. Here the workers live in bundles of the
+trial's own placement group, which Tune itself removes, on the driver, whenever the trial stops for any
+reason; and they are owned by the trial's actor, so they die with it. It also spares every trial a
+controller's start and stop.
+
+The ranks run the same loop as under Ray Train (raybig.train.worker.run_rank); a rank that dies or fails
+restarts the whole group from the last checkpoint, up to failure.max_failures times, as Ray Train would.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import ray
+import torch
+
+from raybig.train.runner import RunFailed, explain_failure, loop_config, relay_progress
+
+# How long a trial's ranks may take to come up (a process each, importing torch) in bundles that Tune has
+# already reserved; a busy machine is slow, a broken runtime environment never comes.
+START_TIMEOUT_S = float(os.environ.get("RAYBIG_WORKER_START_TIMEOUT_S", "300"))
+# torch.distributed's own bound on a collective: a rank whose peer hangs fails instead of waiting forever.
+COLLECTIVE_TIMEOUT_S = float(os.environ.get("RAYBIG_COLLECTIVE_TIMEOUT_S", "600"))
+
+
+class WorkerStartTimeout(RunFailed):
+    pass
+
+
+def worker_bundles(spec) -> list[dict]:
+    """One bundle per rank, as ScalingConfig would ask for them."""
+    res = spec.resources
+    bundle = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})}
+    return [dict(bundle) for _ in range(spec.parallelism.workers)]
+
+
+def unschedulable(spec, totals: dict) -> str | None:
+    """Why the cluster (its total resources, `ray.cluster_resources()`) can never hold this layout, or None."""
+    need = {}
+    for bundle in worker_bundles(spec):
+        for key, value in bundle.items():
+            need[key] = need.get(key, 0.0) + value
+    short = [f"{need[k]:g} {k} (parallelism: {spec.parallelism.workers} workers x {v:g})"
+             for k, v in worker_bundles(spec)[0].items() if need[k] > totals.get(k, 0.0)]
+    if not short:
+        return None
+    has = ", ".join(f"{totals.get(k, 0.0):g} {k}" for k in need)
+    return f"the layout needs {' and '.join(short)} but the cluster has {has} in all"
+
+
+@ray.remote(num_cpus=0)
+class Rank:
+    """One rank's process. Its resources come from `.options()`: the bundle it is placed in."""
+
+    def endpoint(self) -> str:
+        with socket.socket() as s:  # a free port for the process group's store, on this node
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return f"{ray.util.get_node_ip_address()}:{port}"
+
+    def run(self, config: dict, rank: int, world: int, master: str) -> None:
+        import torch.distributed as dist
+
+        from raybig.train.worker import run_rank
+
+        cuda = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+        device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        if world > 1:
+            dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{master}", rank=rank,
+                                    world_size=world, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+        try:
+            run_rank(config, rank, world, device)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def fit_on_actors(spec, bundle, loader: str, store, handle, prune_checkpoints: bool) -> None:
+    """Train on one actor per rank in the current placement group's last bundles (the trial's), relaying rank
+    0's progress to `handle`."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from raybig.train.progress import ProgressBoard
+
+    if loader != "memory":
+        raise RunFailed("a sweep trial's ranks hold the data in memory; data.loader stream is for single runs")
+    workers = spec.parallelism.workers
+    group = ray.util.get_current_placement_group()
+    first = len(group.bundle_specs) - workers if group is not None else 0
+    if first < 0:
+        raise RunFailed(f"the trial's placement group has {len(group.bundle_specs)} bundles for {workers} ranks")
+    board = ProgressBoard.remote()
+    config = loop_config(spec, bundle, loader, store, board, prune_checkpoints)
+    res = spec.resources
+    failures = 0
+    while True:
+        ranks = [Rank.options(
+            num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=first + i)
+            if group is not None else None).remote() for i in range(workers)]
+        try:
+            _train(ranks, config, board, handle)
+            return
+        except RunFailed:
+            raise
+        except ray.exceptions.RayError as err:
+            failures += 1
+            if failures > spec.failure.max_failures:
+                raise RunFailed(explain_failure(err)) from err
+            handle({"type": "restart", "failures": failures, "reason": explain_failure(err)})
+        finally:
+            for rank in ranks:
+                ray.kill(rank, no_restart=True)
+            relay_progress(board, handle)
+
+
+def _train(ranks: list, config: dict, board, handle) -> None:
+    try:
+        master = ray.get(ranks[0].endpoint.remote(), timeout=START_TIMEOUT_S)
+        ray.get([rank.__ray_ready__.remote() for rank in ranks], timeout=START_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        raise WorkerStartTimeout(f"the trial's {len(ranks)} ranks did not start within {START_TIMEOUT_S:g} s "
+                                 "(RAYBIG_WORKER_START_TIMEOUT_S)") from None
+    pending = [rank.run.remote(config, i, len(ranks), master) for i, rank in enumerate(ranks)]
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+        relay_progress(board, handle)
+        ray.get(done)  # a rank's error (or death) ends the attempt; the others are killed by the caller
