@@ -133,7 +133,8 @@ def digits_sweep(ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
     # one trial at a time: ASHA then sees the trials arrive at its rungs in the same order on every run, so
     # which ones it stops does not depend on how busy the machine is
-    spec = load_spec(JOBS / "digits_sweep.yaml", [f"output.dir={out}", "sweep.max_concurrent=1"])
+    # (and 8 of its 10 trials, to keep the suite short)
+    spec = load_spec(JOBS / "digits_sweep.yaml", [f"output.dir={out}", "sweep.max_concurrent=1", "sweep.trials=8"])
     outcome = run_sweep(spec, num_cpus=RAY_CPUS, console=Console(stderr=True, width=160))
     return spec, outcome, held_after_sweep()
 
@@ -224,7 +225,7 @@ def pbt_sweep(digits_sweep, tmp_path_factory):
 
     # synchronous PBT (the default) exploits once every trial has reached the interval, so the population
     # meets at every epoch however the machine schedules the trials; 4 at a time or 2, the same decisions
-    spec = quick_sweep(tmp_path_factory.mktemp("pbt"), "pbt", 4, batch_size=8, trials=4, max_concurrent=4, seed=1,
+    spec = quick_sweep(tmp_path_factory.mktemp("pbt"), "pbt", 3, batch_size=8, trials=4, max_concurrent=4, seed=1,
                        scheduler={"name": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5},
                        space={"train.optimizer.lr": {"loguniform": [1e-4, 0.3]},
                               "train.regularization.l2": {"loguniform": [1e-6, 1e-3]}})

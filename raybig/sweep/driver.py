@@ -30,19 +30,19 @@ class SweepOutcome:
 
 
 def trial_resources(config: dict, *, base: dict, space: dict):
-    """The placement group of one trial (Tune calls this per sampled config, on the driver): nothing for the
-    trial's actor, which only waits on its ranks, and a bundle per rank. A layout the cluster can never hold
+    """The placement group of one trial (Tune calls this per sampled config, on the driver): a bundle per
+    rank, and an empty one for the trial's actor unless it runs the only rank itself. A layout the cluster can never hold
     gets a token bundle instead, so the trial starts, fails at once with the reason, and the sweep goes on
     (Tune would otherwise keep it pending for good)."""
     import ray
     from ray.tune import PlacementGroupFactory
 
-    from raybig.train.group import unschedulable, worker_bundles
+    from raybig.train.group import trial_bundles, unschedulable
 
     spec = trial_spec(base, clip_to_space(config, space), base["name"], "unused")
     if unschedulable(spec, ray.cluster_resources()):
         return PlacementGroupFactory([{"memory": 1}])
-    return PlacementGroupFactory([{}] + worker_bundles(spec), strategy="PACK")
+    return PlacementGroupFactory(trial_bundles(spec), strategy="PACK")
 
 
 def concurrency_note(spec, cpus: float) -> str | None:

@@ -32,7 +32,7 @@ def run_trial(config: dict, *, base: dict, space: dict, root: str) -> None:
     import ray
 
     from raybig.cluster import cluster_cpus
-    from raybig.train.group import fit_on_actors, unschedulable
+    from raybig.train.group import fit_in_trial, unschedulable
     from raybig.train.runner import RunFailed, run
 
     trial_id = tune.get_context().get_trial_id()
@@ -56,7 +56,7 @@ def run_trial(config: dict, *, base: dict, space: dict, root: str) -> None:
             _report(item, store)
             store.prune(spec.checkpoint.keep, through_epoch=item["epoch"])
 
-    run(spec, num_cpus=cluster_cpus(), on_item=relay, prune_checkpoints=False, fit_with=fit_on_actors)
+    run(spec, num_cpus=cluster_cpus(), on_item=relay, prune_checkpoints=False, fit_with=fit_in_trial)
 
 
 def _install(checkpoint: Path, store: RunStore) -> list[dict]:

@@ -11,11 +11,14 @@ controller's start and stop.
 
 The ranks run the same loop as under Ray Train (raybig.train.worker.run_rank); a rank that dies or fails
 restarts the whole group from the last checkpoint, up to failure.max_failures times, as Ray Train would.
+A trial of one rank runs it in the trial's own process (which then holds the rank's bundle): no process
+to start, which is most of a small trial's cost, and PBT restarts trials often.
 """
 from __future__ import annotations
 
 import os
 import socket
+import threading
 from datetime import timedelta
 
 import ray
@@ -39,6 +42,20 @@ def worker_bundles(spec) -> list[dict]:
     res = spec.resources
     bundle = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})}
     return [dict(bundle) for _ in range(spec.parallelism.workers)]
+
+
+def trial_bundles(spec) -> list[dict]:
+    """A trial's placement group: its own actor first (empty: it only waits on its ranks), then a bundle
+    per rank; a single rank runs in the trial's actor, which then takes that rank's bundle."""
+    ranks = worker_bundles(spec)
+    return ranks if len(ranks) == 1 else [{}] + ranks
+
+
+def _device(cuda: bool) -> torch.device:
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return device
 
 
 def unschedulable(spec, totals: dict) -> str | None:
@@ -71,9 +88,7 @@ class Rank:
         from raybig.train.worker import run_rank
 
         cuda = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
-        device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-        if cuda:
-            torch.cuda.set_device(device)
+        device = _device(cuda)
         if world > 1:
             dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{master}", rank=rank,
                                     world_size=world, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
@@ -84,9 +99,9 @@ class Rank:
                 dist.destroy_process_group()
 
 
-def fit_on_actors(spec, bundle, loader: str, store, handle, prune_checkpoints: bool) -> None:
-    """Train on one actor per rank in the current placement group's last bundles (the trial's), relaying rank
-    0's progress to `handle`."""
+def fit_in_trial(spec, bundle, loader: str, store, handle, prune_checkpoints: bool) -> None:
+    """Train in a sweep trial: one actor per rank in the last bundles of the trial's placement group (or, for
+    one rank, on a thread of this process), relaying rank 0's progress to `handle`."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from raybig.train.progress import ProgressBoard
@@ -100,27 +115,62 @@ def fit_on_actors(spec, bundle, loader: str, store, handle, prune_checkpoints: b
         raise RunFailed(f"the trial's placement group has {len(group.bundle_specs)} bundles for {workers} ranks")
     board = ProgressBoard.remote()
     config = loop_config(spec, bundle, loader, store, board, prune_checkpoints)
+    if workers == 1:
+        return _retrying(spec, handle, board, lambda: _train_here(config, board, handle, spec))
     res = spec.resources
-    failures = 0
-    while True:
+
+    def attempt():
         ranks = [Rank.options(
             num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker,
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=first + i)
             if group is not None else None).remote() for i in range(workers)]
         try:
             _train(ranks, config, board, handle)
+        finally:
+            for rank in ranks:
+                ray.kill(rank, no_restart=True)
+
+    _retrying(spec, handle, board, attempt)
+
+
+def _retrying(spec, handle, board, attempt) -> None:
+    """Run `attempt` until it succeeds; any rank's failure starts it again (from the last checkpoint, which
+    the loop finds in the store) while failure.max_failures allows."""
+    failures = 0
+    while True:
+        try:
+            attempt()
             return
         except RunFailed:
             raise
-        except ray.exceptions.RayError as err:
+        except Exception as err:  # a rank's error, or its death (ray.exceptions.RayActorError)
             failures += 1
             if failures > spec.failure.max_failures:
                 raise RunFailed(explain_failure(err)) from err
             handle({"type": "restart", "failures": failures, "reason": explain_failure(err)})
         finally:
-            for rank in ranks:
-                ray.kill(rank, no_restart=True)
             relay_progress(board, handle)
+
+
+def _train_here(config: dict, board, handle, spec) -> None:
+    """The one rank, on a thread of the trial's process, while this thread relays its progress."""
+    from raybig.train.worker import run_rank
+
+    error: list[BaseException] = []
+
+    def target():
+        try:
+            run_rank(config, 0, 1, _device(spec.resources.gpus_per_worker > 0 and torch.cuda.is_available()))
+        except BaseException as err:  # raised on the relaying thread below
+            error.append(err)
+
+    thread = threading.Thread(target=target, name="raybig-rank-0", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)
+        relay_progress(board, handle)
+    if error:
+        raise error[0]
 
 
 def _train(ranks: list, config: dict, board, handle) -> None:

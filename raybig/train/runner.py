@@ -159,7 +159,10 @@ def build_trainer(spec: JobSpec, bundle, loader: str, store: RunStore, board=Non
         run_config=ray.train.RunConfig(
             name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str((store.root / ".ray").resolve()),
-            failure_config=ray.train.FailureConfig(max_failures=spec.failure.max_failures)),
+            # controller_failure_limit 0: a worker group that does not start within its timeout ends the run
+            # with the reason; Ray Train's default (-1) retries it for good, which on a full cluster is a hang
+            failure_config=ray.train.FailureConfig(max_failures=spec.failure.max_failures,
+                                                   controller_failure_limit=0)),
         **streamed,
     )
 
