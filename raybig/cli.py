@@ -213,16 +213,16 @@ def serve_runs(
         except ServeStartFailed as error:
             err.print(f"[bold red]serve failed[/]: {error}", highlight=False)
             raise typer.Exit(1)
-        for e in entries:
-            route = "generate" if e.info["data"]["task"] == "lm" else "predict"
-            out.print(f"{e.name} {e.version}: POST {url}/v1/models/{e.name}/{route}", highlight=False)
-        out.print(f"models: GET {url}/v1/models   docs: {url}/docs   (Ctrl-C stops)", highlight=False)
-        direct = [u for u in direct_urls(host or first.host) if u != url]
-        if direct:  # the same app without the proxy hop: several times the requests/s on a small machine
-            out.print(f"direct to a replica (fastest): {'  '.join(direct)}", highlight=False)
         # `raybig jobs stop` (and Kubernetes) end a server with SIGTERM: stop serving then too, not only on Ctrl-C
         signal.signal(signal.SIGTERM, signal.default_int_handler)
-        try:
+        try:  # from here on a Ctrl-C, however early, takes the application down
+            direct = [u for u in direct_urls(host or first.host) if u != url]
+            for e in entries:
+                route = "generate" if e.info["data"]["task"] == "lm" else "predict"
+                out.print(f"{e.name} {e.version}: POST {url}/v1/models/{e.name}/{route}", highlight=False)
+            if direct:  # the same app without the proxy hop: several times the requests/s on a small machine
+                out.print(f"direct to a replica (fastest): {'  '.join(direct)}", highlight=False)
+            out.print(f"models: GET {url}/v1/models   docs: {url}/docs   (Ctrl-C stops)", highlight=False)
             while True:
                 time.sleep(1)
         except KeyboardInterrupt:

@@ -56,11 +56,16 @@ def test_raybig_serve_stopped_with_ctrl_c_leaves_no_ray_process(trained):
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
     reader.start()
-    deadline = time.monotonic() + 180  # it prints its routes once its replicas are up, then serves until Ctrl-C
-    while not any(line.startswith("models:") for line in lines) and proc.poll() is None:
-        assert time.monotonic() < deadline, "".join(lines)
-        time.sleep(0.2)
-    assert proc.poll() is None, "".join(lines)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 0, "".join(lines)
+    try:
+        deadline = time.monotonic() + 180  # it prints its routes once its replicas are up, then serves until Ctrl-C
+        while not any(line.startswith("models:") for line in lines) and proc.poll() is None:
+            assert time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.2)
+        assert proc.poll() is None, "".join(lines)
+        proc.send_signal(signal.SIGINT)  # at once: a Ctrl-C as soon as the routes show must take it all down
+        assert proc.wait(timeout=120) == 0, "".join(lines)
+    finally:
+        if proc.poll() is None:  # a failed check must not leave a second Ray running into later tests
+            proc.kill()
+            proc.wait(timeout=60)
     assert processes_left(mark) == []
