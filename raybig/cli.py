@@ -96,6 +96,9 @@ def run(
     spec = _load(spec_path, set_)
     err.print(f"[bold]{spec.name}[/]: {spec.model.kind} on {spec.data.source}, data parallel x{spec.parallelism.data}, "
               f"{spec.train.epochs} epochs, global batch {spec.train.batch_size}", highlight=False)
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (see serve)
     try:
         outcome = run_job(spec, address=address, num_cpus=num_cpus, fresh=fresh, verbose=verbose, console=err)
     except SpecError as error:
@@ -213,8 +216,11 @@ def serve_runs(
         except ServeStartFailed as error:
             err.print(f"[bold red]serve failed[/]: {error}", highlight=False)
             raise typer.Exit(1)
-        # `raybig jobs stop` (and Kubernetes) end a server with SIGTERM: stop serving then too, not only on Ctrl-C
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        # `raybig jobs stop` (and Kubernetes) end a server with SIGTERM: stop serving then too, not only on Ctrl-C.
+        # SIGINT is set too: a process started in the background by a script inherits it ignored, and Python
+        # then never raises KeyboardInterrupt, so `kill -INT` left the server and its Ray running
+        for stop_signal in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(stop_signal, signal.default_int_handler)
         try:  # from here on a Ctrl-C, however early, takes the application down
             direct = [u for u in direct_urls(host or first.host) if u != url]
             for e in entries:

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 from datetime import timedelta
 
 import ray
 import torch
 
-from raybig.train.runner import RunFailed, explain_failure, loop_config, relay_progress
+from raybig.train.runner import RunFailed, explain_failure, loop_config, relay_progress, run_relaying
 
 # How long a trial's ranks may take to come up (a process each, importing torch) in bundles that Tune has
 # already reserved; a busy machine is slow, a broken runtime environment never comes.
@@ -156,21 +155,10 @@ def _train_here(config: dict, board, handle, spec) -> None:
     """The one rank, on a thread of the trial's process, while this thread relays its progress."""
     from raybig.train.worker import run_rank
 
-    error: list[BaseException] = []
-
-    def target():
-        try:
-            run_rank(config, 0, 1, _device(spec.resources.gpus_per_worker > 0 and torch.cuda.is_available()))
-        except BaseException as err:  # raised on the relaying thread below
-            error.append(err)
-
-    thread = threading.Thread(target=target, name="raybig-rank-0", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(timeout=0.5)
-        relay_progress(board, handle)
+    cuda = spec.resources.gpus_per_worker > 0 and torch.cuda.is_available()
+    error = run_relaying(lambda: run_rank(config, 0, 1, _device(cuda)), board, handle, "raybig-rank-0")
     if error:
-        raise error[0]
+        raise error
 
 
 def _train(ranks: list, config: dict, board, handle) -> None:

@@ -178,22 +178,28 @@ def fit_with_ray_train(spec: JobSpec, bundle, loader: str, store: RunStore, hand
 
     board = ProgressBoard.remote()
     trainer = build_trainer(spec, bundle, loader, store, board=board, prune_checkpoints=prune_checkpoints)
+    error = run_relaying(trainer.fit, board, handle, "raybig-fit")
+    if error:
+        raise RunFailed(explain_failure(error)) from error
+
+
+def run_relaying(work, board, handle, name: str) -> BaseException | None:
+    """Run `work` on a thread while this one relays the progress board to `handle`; returns its error."""
     error: list[BaseException] = []
 
     def target():
         try:
-            trainer.fit()
-        except BaseException as err:  # reported on the driver thread below
+            work()
+        except BaseException as err:  # handed back to the relaying thread
             error.append(err)
 
-    thread = threading.Thread(target=target, name="raybig-fit", daemon=True)
+    thread = threading.Thread(target=target, name=name, daemon=True)
     thread.start()
     while thread.is_alive():
         thread.join(timeout=0.5)
         relay_progress(board, handle)
     relay_progress(board, handle)
-    if error:
-        raise RunFailed(explain_failure(error[0])) from error[0]
+    return error[0] if error else None
 
 
 # How long the driver waits for the progress board (a zero-CPU actor of its own) to answer one drain.
