@@ -48,7 +48,7 @@ def test_raybig_run_leaves_no_ray_process(trained):
     assert left == []
 
 
-def test_raybig_serve_stopped_with_ctrl_c_leaves_no_ray_process(trained):
+def test_raybig_serve_stopped_by_sigterm_leaves_no_ray_process(trained):
     root = trained[0]
     mark = f"serve-{os.getpid()}-{time.time_ns()}"
     proc = command("serve", str(root), "--port", "8437", "--num-cpus", "2", mark=mark,
@@ -62,7 +62,8 @@ def test_raybig_serve_stopped_with_ctrl_c_leaves_no_ray_process(trained):
             assert time.monotonic() < deadline, "".join(lines)
             time.sleep(0.2)
         assert proc.poll() is None, "".join(lines)
-        proc.send_signal(signal.SIGINT)  # at once: a Ctrl-C as soon as the routes show must take it all down
+        # at once, as `raybig jobs stop` or Kubernetes would: a stop as soon as the routes show takes it all down
+        proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0, "".join(lines)
     finally:
         if proc.poll() is None:  # a failed check must not leave a second Ray running into later tests
