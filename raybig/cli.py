@@ -90,14 +90,14 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Ray's and the workers' own logs."),
 ):
     """Train a job spec; rerunning an interrupted run resumes from its last checkpoint."""
+    import signal
+
     from raybig.train.progress import epoch_table
     from raybig.train.runner import RunFailed, run as run_job
 
     spec = _load(spec_path, set_)
     err.print(f"[bold]{spec.name}[/]: {spec.model.kind} on {spec.data.source}, data parallel x{spec.parallelism.data}, "
               f"{spec.train.epochs} epochs, global batch {spec.train.batch_size}", highlight=False)
-    import signal
-
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (see serve)
     try:
         outcome = run_job(spec, address=address, num_cpus=num_cpus, fresh=fresh, verbose=verbose, console=err)

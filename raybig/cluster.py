@@ -54,12 +54,6 @@ def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 0))
 
 
-def cluster_gpus() -> float:
-    import ray
-
-    return float(ray.cluster_resources().get("GPU", 0))
-
-
 def logs_dir() -> str | None:
     """Where this Ray node keeps the workers' logs (they are not echoed to the terminal unless --verbose)."""
     try:

@@ -130,14 +130,15 @@ def _absolute_paths(base: dict) -> dict:
 
 def run_sweep(spec, *, resume: bool = False, fresh: bool = False, address: str | None = None,
               num_cpus: float | None = None, verbose: bool = False, console=None) -> SweepOutcome:
+    import ray
     from ray import tune
 
-    from raybig.cluster import cluster_cpus, cluster_gpus, embedded_cpus, ray_session
+    from raybig.cluster import cluster_cpus, embedded_cpus, ray_session
     from raybig.data.datasets import describe
     from raybig.sweep.live import LiveTable
     from raybig.sweep.results import best_row, plot, register_best, trial_rows, write_table
     from raybig.sweep.trial import run_trial
-    from raybig.train.runner import check_plan
+    from raybig.train.runner import check_plan, check_resources
 
     sweep = spec.sweep
     if sweep is None:
@@ -160,7 +161,7 @@ def run_sweep(spec, *, resume: bool = False, fresh: bool = False, address: str |
     live = LiveTable(spec, console)
     base = _absolute_paths(base_of(spec))
     with ray_session(address, num_cpus, verbose):
-        check_plan(spec, meta, cluster_cpus(), cluster_gpus())
+        check_resources(spec, ray.cluster_resources())
         note = concurrency_note(spec, cluster_cpus())
         if note:
             live.console.print(f"[yellow]{note}[/]", highlight=False)

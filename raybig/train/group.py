@@ -23,7 +23,8 @@ from datetime import timedelta
 import ray
 import torch
 
-from raybig.train.runner import RunFailed, explain_failure, loop_config, relay_progress, run_relaying
+from raybig.train.runner import (RunFailed, explain_failure, loop_config, rank_resources, relay_progress,
+                                 resource_shortfalls, run_relaying)
 
 # How long a trial's ranks may take to come up (a process each, importing torch) in bundles that Tune has
 # already reserved; a busy machine is slow, a broken runtime environment never comes.
@@ -36,17 +37,10 @@ class WorkerStartTimeout(RunFailed):
     pass
 
 
-def worker_bundles(spec) -> list[dict]:
-    """One bundle per rank, as ScalingConfig would ask for them."""
-    res = spec.resources
-    bundle = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})}
-    return [dict(bundle) for _ in range(spec.parallelism.workers)]
-
-
 def trial_bundles(spec) -> list[dict]:
     """A trial's placement group: its own actor first (empty: it only waits on its ranks), then a bundle
     per rank; a single rank runs in the trial's actor, which then takes that rank's bundle."""
-    ranks = worker_bundles(spec)
+    ranks = [rank_resources(spec) for _ in range(spec.parallelism.workers)]
     return ranks if len(ranks) == 1 else [{}] + ranks
 
 
@@ -59,16 +53,8 @@ def _device(cuda: bool) -> torch.device:
 
 def unschedulable(spec, totals: dict) -> str | None:
     """Why the cluster (its total resources, `ray.cluster_resources()`) can never hold this layout, or None."""
-    need = {}
-    for bundle in worker_bundles(spec):
-        for key, value in bundle.items():
-            need[key] = need.get(key, 0.0) + value
-    short = [f"{need[k]:g} {k} (parallelism: {spec.parallelism.workers} workers x {v:g})"
-             for k, v in worker_bundles(spec)[0].items() if need[k] > totals.get(k, 0.0)]
-    if not short:
-        return None
-    has = ", ".join(f"{totals.get(k, 0.0):g} {k}" for k in need)
-    return f"the layout needs {' and '.join(short)} but the cluster has {has} in all"
+    short = resource_shortfalls(spec, {k: totals.get(k, 0.0) for k in rank_resources(spec)})
+    return "; ".join(f"{path}: {message}" for path, message in short) or None
 
 
 @ray.remote(num_cpus=0)

@@ -33,9 +33,8 @@ class RunOutcome:
         return self.history[-1] if self.history else {}
 
 
-def check_plan(spec: JobSpec, meta: DataMeta, cpus: float | None, gpus: float | None = None) -> None:
-    """Cross-checks that need the data or the cluster (its CPUs and GPUs, where known), made before any
-    worker starts."""
+def check_plan(spec: JobSpec, meta: DataMeta, cpus: float | None) -> None:
+    """Cross-checks that need the data or the cluster's CPUs (where known), made before any worker starts."""
     problems = []
     if spec.model.num_classes is not None and spec.model.num_classes != meta.num_classes:
         problems.append(("model.num_classes", f"{spec.model.num_classes}, but the data has {meta.num_classes} classes"))
@@ -54,16 +53,37 @@ def check_plan(spec: JobSpec, meta: DataMeta, cpus: float | None, gpus: float | 
     if pipe.stages > 1 and pipe.microbatches < pipe.total_stages:
         warnings.warn(f"parallelism.pipeline.microbatches: {pipe.microbatches} microbatches for "
                       f"{pipe.total_stages} stages: the pipeline bubble will dominate the step time", stacklevel=2)
+    if cpus is not None:
+        problems += resource_shortfalls(spec, {"CPU": cpus})
+    if problems:
+        raise SpecError(problems)
+
+
+def rank_resources(spec: JobSpec) -> dict[str, float]:
+    """What one rank reserves, under Ray Train or in a sweep trial's bundle."""
+    res = spec.resources
+    return {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})}
+
+
+def resource_shortfalls(spec: JobSpec, totals: dict) -> list[tuple[str, str]]:
+    """What the layout needs beyond the cluster's `totals` (e.g. `ray.cluster_resources()`; a resource left out
+    is not checked): Ray would wait for it for good."""
     workers = spec.parallelism.workers
-    need = workers * spec.resources.cpus_per_worker
-    if cpus is not None and need > cpus:
-        problems.append(("parallelism.data", f"{workers} workers x resources.cpus_per_worker "
-                         f"{spec.resources.cpus_per_worker:g} need {need:g} CPUs but the cluster has {cpus:g}; "
-                         "lower the degree or the CPUs per worker"))
-    need_gpus = workers * spec.resources.gpus_per_worker
-    if gpus is not None and need_gpus > gpus:
-        problems.append(("resources.gpus_per_worker", f"{workers} workers x {spec.resources.gpus_per_worker:g} GPUs "
-                         f"need {need_gpus:g} GPUs but the cluster has {gpus:g}; Ray would wait for them for good"))
+    fields = {"CPU": ("parallelism.data", "resources.cpus_per_worker", "lower the degree or the CPUs per worker"),
+              "GPU": ("resources.gpus_per_worker", "resources.gpus_per_worker", "Ray would wait for them for good")}
+    out = []
+    for key, each in rank_resources(spec).items():
+        need = workers * each
+        if key in totals and need > totals[key]:
+            path, field, hint = fields[key]
+            out.append((path, f"{workers} workers x {field} {each:g} need {need:g} {key}s but the cluster has "
+                        f"{totals[key]:g}; {hint}"))
+    return out
+
+
+def check_resources(spec: JobSpec, totals: dict) -> None:
+    """The resource part of check_plan, against a running cluster's totals."""
+    problems = resource_shortfalls(spec, {k: totals.get(k, 0.0) for k in rank_resources(spec)})
     if problems:
         raise SpecError(problems)
 
@@ -98,7 +118,9 @@ def run(spec: JobSpec, *, address: str | None = None, num_cpus: float | None = N
     or to `on_item(item)` when given (a sweep trial relays finished epochs to Ray Tune). Without
     `prune_checkpoints` every epoch checkpoint stays until the caller prunes the store. `fit_with` is the
     worker group: Ray Train by default, a sweep trial's own actors in a sweep (raybig.train.group)."""
-    from raybig.cluster import cluster_cpus, cluster_gpus, embedded_cpus, ray_session
+    import ray
+
+    from raybig.cluster import embedded_cpus, ray_session
     from raybig.train.progress import ProgressView, write_curves
 
     meta = describe(spec.data)
@@ -111,7 +133,7 @@ def run(spec: JobSpec, *, address: str | None = None, num_cpus: float | None = N
     loader = pick_loader(spec, bundle)
     started = time.perf_counter()
     with ray_session(address, num_cpus, verbose):
-        check_plan(spec, meta, cluster_cpus(), cluster_gpus())
+        check_resources(spec, ray.cluster_resources())
         fit = fit_with or fit_with_ray_train
         if on_item is not None:
             fit(spec, bundle, loader, store, on_item, prune_checkpoints)
@@ -155,7 +177,7 @@ def build_trainer(spec: JobSpec, bundle, loader: str, store: RunStore, board=Non
         train_loop_config=loop_config(spec, bundle, loader, store, board, prune_checkpoints),
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.parallelism.workers, use_gpu=res.gpus_per_worker > 0,
-            resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})}),
+            resources_per_worker=rank_resources(spec)),
         run_config=ray.train.RunConfig(
             name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str((store.root / ".ray").resolve()),
