@@ -1,4 +1,4 @@
-"""raybig data parallel (2 Ray Train workers) vs plain `torchrun --nproc-per-node 2` DDP, in one run.
+"""raybig data parallel (2 workers, one Ray actor each) vs plain `torchrun --nproc-per-node 2` DDP, in one run.
 
 Same model (MLP 64-H-H-10), same global batch, SGD with momentum, gloo on CPU. Prints the steady-state
 samples/s of each (after warm-up), their ratio, and the start-up and tear-down time of each separately.

@@ -5,11 +5,6 @@ import logging
 import os
 from contextlib import contextmanager
 
-# A busy machine can take longer than Ray Train's 60 s default to start a worker group.
-os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
-# The Train controller moves between states (starting, running, finished) only when it polls its
-# workers, every 2 s by default: polling every 0.25 s cut a short run from 19 s to 13 s here.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # Serve's throughput profile: fewer per-request logs and bookkeeping, and direct ingress (each ingress
 # replica takes HTTP on its own port, 30000+, skipping the proxy hop), which raybig's serving relies on
 # for speed (docs/benchmarks.md). Read by Serve's processes, so set before Ray starts.

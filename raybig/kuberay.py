@@ -93,7 +93,7 @@ class Layout:
 
 
 def cluster_spec(spec: JobSpec, layout: Layout) -> dict:
-    """A head that schedules nothing (num-cpus 0) and one worker pod per Ray Train worker."""
+    """A head that schedules nothing (num-cpus 0) and one worker pod per rank."""
     workers = spec.parallelism.workers
     head = layout.container("ray-head", 2)
     head["ports"] = [{"containerPort": 6379, "name": "gcs"}, {"containerPort": 8265, "name": "dashboard"}]

@@ -197,7 +197,7 @@ class PipelineSpec(Strict):
 
 
 class ParallelismSpec(Strict):
-    data: int = Field(default=1, ge=1, description="Data-parallel degree: one Ray Train worker per rank.")
+    data: int = Field(default=1, ge=1, description="Data-parallel degree: one worker (a Ray actor) per rank.")
     pipeline: PipelineSpec = Field(default_factory=PipelineSpec)
 
     @property

@@ -2,7 +2,7 @@
 object-store URI (s3://, gs://) read and written through pyarrow filesystems, so that every node of a
 cluster sees the same runs.
 
-A run in an object store is worked on in a local copy: each process (the driver, each Ray Train worker)
+A run in an object store is worked on in a local copy: each process (the driver, each rank)
 downloads what it needs (spec, metrics, the newest complete checkpoint) into a temporary directory, and every
 write of the model store is uploaded right after it happens. A checkpoint's meta.json goes up last, so a
 checkpoint without one is an interrupted upload and is never resumed from.

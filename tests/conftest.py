@@ -1,6 +1,6 @@
 import pytest
 
-import raybig.cluster  # noqa: F401  (sets raybig's Ray Train settings before the session's Ray starts)
+import raybig.cluster  # noqa: F401  (sets raybig's Serve settings before the session's Ray starts)
 
 RAY_CPUS = 4  # two workers, a spare, and room for Ray Data; tests never start a second Ray
 

@@ -1,4 +1,4 @@
-"""End to end on a real local Ray: Ray Train workers, DDP over gloo, Ray Data, checkpoints, failures."""
+"""End to end on a real local Ray: a rank per actor, DDP over gloo, Ray Data, checkpoints, failures."""
 import threading
 import time
 from pathlib import Path
@@ -76,11 +76,11 @@ def test_data_parallel_degree_2_matches_degree_1_step_for_step(ray_local, tmp_pa
 
 
 def train_worker_pids() -> list[int]:
-    """This session's Ray Train worker processes (children of the raylet this test process started)."""
+    """This session's rank processes (children of the raylet this test process started)."""
     pids = []
     for proc in psutil.Process().children(recursive=True):
         try:
-            if proc.name().startswith("ray::RayTrainWorker"):
+            if proc.name().startswith("ray::Rank"):
                 pids.append(proc.pid)
         except psutil.NoSuchProcess:
             pass
@@ -96,7 +96,7 @@ def kill_a_worker_after_checkpoint(store_root: Path, epoch: int, timeout: float 
         time.sleep(0.05)
     assert ckpt.exists(), "the run never reached the checkpoint"
     pids = train_worker_pids()
-    assert pids, "no Ray Train worker process found"
+    assert pids, "no rank process found"
     psutil.Process(pids[-1]).kill()
     return max(int(p.name.split("-")[1]) for p in (store_root / "checkpoints").glob("epoch-*"))
 

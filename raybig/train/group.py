@@ -1,23 +1,27 @@
-"""A sweep trial's own worker group: one Ray actor per rank, inside the placement group Ray Tune reserved
-for the trial.
+"""The worker group of every run: one Ray actor per rank, each in a bundle of a placement group, the
+whole group restarted from the last checkpoint when a rank fails.
 
-Why not Ray Train here: Tune ends a trial (ASHA stops it, PBT pauses it, the sweep is interrupted) by
-ending the trial's actor, and a TorchTrainer's controller dies with it before it can free its workers'
-placement group; the group then holds its CPUs until Ray Train's cleaner notices, late or never
-(ray-project/ray#54305), and the next trials wait for good. Here the workers live in bundles of the
-trial's own placement group, which Tune itself removes, on the driver, whenever the trial stops for any
-reason; and they are owned by the trial's actor, so they die with it. It also spares every trial a
-controller's start and stop.
+`raybig run` reserves its own placement group and removes it when the run ends, however it ends. A sweep
+trial uses the placement group Ray Tune reserved for it, which Tune itself removes on the driver whenever
+the trial stops (ASHA stops it, PBT pauses it, the sweep is interrupted); the ranks are owned by the
+actor that started them, so they die with it.
 
-The ranks run the same loop as under Ray Train (raybig.train.worker.run_rank); a rank that dies or fails
-restarts the whole group from the last checkpoint, up to failure.max_failures times, as Ray Train would.
-A trial of one rank runs it in the trial's own process (which then holds the rank's bundle): no process
-to start, which is most of a small trial's cost, and PBT restarts trials often.
+Why not Ray Train's TorchTrainer: it gave raybig nothing the loop did not already do (checkpoints, the
+process group, restarts) and cost every run ~20 s here to start and stop its controller and workers
+(docs/benchmarks.md, startup). Under Tune it also leaked: Tune ends a trial by ending the trial's actor,
+the controller dies with it before it can free its workers' placement group, and that group then holds
+its CPUs until Ray Train's cleaner notices, late or never (ray-project/ray#54305).
+
+The ranks run the one loop (raybig.train.worker.run_rank); a rank that dies or fails restarts the whole
+group from the last checkpoint, up to failure.max_failures times. A trial of one rank runs it on a thread
+of the trial's own process (which then holds the rank's bundle): no process to start, which is most of a
+small trial's cost, and PBT restarts trials often.
 """
 from __future__ import annotations
 
 import os
 import socket
+import time
 from datetime import timedelta
 
 import ray
@@ -26,8 +30,8 @@ import torch
 from raybig.train.runner import (RunFailed, explain_failure, loop_config, rank_resources, relay_progress,
                                  resource_shortfalls, run_relaying)
 
-# How long a trial's ranks may take to come up (a process each, importing torch) in bundles that Tune has
-# already reserved; a busy machine is slow, a broken runtime environment never comes.
+# How long a run's ranks may take to come up (a process each, importing torch), and a run's placement
+# group to be granted: a busy machine is slow, a broken runtime environment or a full cluster never comes.
 START_TIMEOUT_S = float(os.environ.get("RAYBIG_WORKER_START_TIMEOUT_S", "300"))
 # torch.distributed's own bound on a collective: a rank whose peer hangs fails instead of waiting forever.
 COLLECTIVE_TIMEOUT_S = float(os.environ.get("RAYBIG_COLLECTIVE_TIMEOUT_S", "600"))
@@ -67,7 +71,7 @@ class Rank:
             port = s.getsockname()[1]
         return f"{ray.util.get_node_ip_address()}:{port}"
 
-    def run(self, config: dict, rank: int, world: int, master: str) -> None:
+    def run(self, config: dict, rank: int, world: int, master: str, shards=None) -> None:
         import torch.distributed as dist
 
         from raybig.train.worker import run_rank
@@ -78,39 +82,73 @@ class Rank:
             dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{master}", rank=rank,
                                     world_size=world, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
         try:
-            run_rank(config, rank, world, device)
+            run_rank(config, rank, world, device, shards)
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
 
 
+def fit_on_own_group(spec, bundle, loader: str, store, handle, prune_checkpoints: bool) -> None:
+    """`raybig run`: reserve a placement group of one bundle per rank (packed, as few nodes as possible),
+    train on it, and remove it whatever happens."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    group = placement_group([rank_resources(spec) for _ in range(spec.parallelism.workers)], strategy="PACK")
+    try:
+        try:
+            ray.get(group.ready(), timeout=START_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            raise WorkerStartTimeout(
+                f"the cluster did not grant the run's {spec.parallelism.workers} workers x {rank_resources(spec)} "
+                f"within {START_TIMEOUT_S:g} s (RAYBIG_WORKER_START_TIMEOUT_S): other work holds them, "
+                f"free now {ray.available_resources()}") from None
+        _fit_on_ranks(spec, bundle, loader, store, handle, prune_checkpoints, group, first=0)
+    finally:
+        remove_placement_group(group)
+
+
 def fit_in_trial(spec, bundle, loader: str, store, handle, prune_checkpoints: bool) -> None:
-    """Train in a sweep trial: one actor per rank in the last bundles of the trial's placement group (or, for
-    one rank, on a thread of this process), relaying rank 0's progress to `handle`."""
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    from raybig.train.progress import ProgressBoard
-
-    if loader != "memory":
-        raise RunFailed("a sweep trial's ranks hold the data in memory; data.loader stream is for single runs")
+    """A sweep trial: one actor per rank in the last bundles of the trial's placement group (or, for one
+    rank, a thread of this process), relaying rank 0's progress to `handle`."""
     workers = spec.parallelism.workers
     group = ray.util.get_current_placement_group()
     first = len(group.bundle_specs) - workers if group is not None else 0
     if first < 0:
         raise RunFailed(f"the trial's placement group has {len(group.bundle_specs)} bundles for {workers} ranks")
+    if loader != "memory":
+        raise RunFailed("a sweep trial's ranks hold the data in memory; data.loader stream is for single runs")
+    if workers == 1:
+        from raybig.train.progress import ProgressBoard
+
+        board = ProgressBoard.remote()
+        config = loop_config(spec, bundle, loader, store, board, prune_checkpoints)
+        return _retrying(spec, handle, board, lambda attempt: _train_here({**config, "attempt": attempt},
+                                                                          board, handle, spec))
+    _fit_on_ranks(spec, bundle, loader, store, handle, prune_checkpoints, group, first)
+
+
+def _fit_on_ranks(spec, bundle, loader: str, store, handle, prune_checkpoints: bool, group, first: int) -> None:
+    """One actor per rank in bundles first.. of `group`; rank 0's progress is relayed to `handle`."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from raybig.data.loader import to_ray_datasets
+    from raybig.train.progress import ProgressBoard
+
+    workers, res = spec.parallelism.workers, spec.resources
     board = ProgressBoard.remote()
     config = loop_config(spec, bundle, loader, store, board, prune_checkpoints)
-    if workers == 1:
-        return _retrying(spec, handle, board, lambda: _train_here(config, board, handle, spec))
-    res = spec.resources
+    datasets = to_ray_datasets(bundle) if loader == "stream" else None
 
-    def attempt():
+    def attempt(name: str):
         ranks = [Rank.options(
             num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker,
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=first + i)
             if group is not None else None).remote() for i in range(workers)]
+        # equal shards: every rank takes the same number of steps, so DDP never waits on a missing peer
+        shards = {split: ds.streaming_split(workers, equal=True) for split, ds in datasets.items()} \
+            if datasets else None
         try:
-            _train(ranks, config, board, handle)
+            _train(ranks, {**config, "attempt": name}, board, handle, shards)
         finally:
             for rank in ranks:
                 ray.kill(rank, no_restart=True)
@@ -119,12 +157,14 @@ def fit_in_trial(spec, bundle, loader: str, store, handle, prune_checkpoints: bo
 
 
 def _retrying(spec, handle, board, attempt) -> None:
-    """Run `attempt` until it succeeds; any rank's failure starts it again (from the last checkpoint, which
-    the loop finds in the store) while failure.max_failures allows."""
+    """Run `attempt(name)` until it succeeds; any rank's failure starts it again (from the last checkpoint,
+    which the loop finds in the store) while failure.max_failures allows. `name` tells the attempts apart
+    in the run's history."""
     failures = 0
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
     while True:
         try:
-            attempt()
+            attempt(f"{started}#{failures}")
             return
         except RunFailed:
             raise
@@ -138,7 +178,7 @@ def _retrying(spec, handle, board, attempt) -> None:
 
 
 def _train_here(config: dict, board, handle, spec) -> None:
-    """The one rank, on a thread of the trial's process, while this thread relays its progress."""
+    """The one rank, on a thread of this process, while this thread relays its progress."""
     from raybig.train.worker import run_rank
 
     cuda = spec.resources.gpus_per_worker > 0 and torch.cuda.is_available()
@@ -147,14 +187,16 @@ def _train_here(config: dict, board, handle, spec) -> None:
         raise error
 
 
-def _train(ranks: list, config: dict, board, handle) -> None:
+def _train(ranks: list, config: dict, board, handle, shards: dict | None) -> None:
     try:
         master = ray.get(ranks[0].endpoint.remote(), timeout=START_TIMEOUT_S)
         ray.get([rank.__ray_ready__.remote() for rank in ranks], timeout=START_TIMEOUT_S)
     except ray.exceptions.GetTimeoutError:
-        raise WorkerStartTimeout(f"the trial's {len(ranks)} ranks did not start within {START_TIMEOUT_S:g} s "
+        raise WorkerStartTimeout(f"the run's {len(ranks)} ranks did not start within {START_TIMEOUT_S:g} s "
                                  "(RAYBIG_WORKER_START_TIMEOUT_S)") from None
-    pending = [rank.run.remote(config, i, len(ranks), master) for i, rank in enumerate(ranks)]
+    pending = [rank.run.remote(config, i, len(ranks), master,
+                               {split: its[i] for split, its in shards.items()} if shards else None)
+               for i, rank in enumerate(ranks)]
     while pending:
         done, pending = ray.wait(pending, num_returns=1, timeout=0.5)
         relay_progress(board, handle)

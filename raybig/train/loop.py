@@ -29,11 +29,11 @@ class WorkerEnv:
     device: torch.device
     train: object  # a MemorySource or StreamSource
     val: object
-    report: Callable[[dict], None] = lambda metrics: None  # every rank, once per epoch
     progress: Callable[[dict], None] | None = None  # rank 0 only: live updates for the driver
     # False in a sweep trial: epochs can finish faster than the trial hands their checkpoints to Tune, so the
     # trial prunes them itself once copied (raybig.sweep.trial)
     prune_checkpoints: bool = True
+    attempt: str = ""  # which start of the worker group this is, recorded with every epoch it trains
 
     @property
     def distributed(self) -> bool:
@@ -105,7 +105,7 @@ def fit(spec, meta, env: WorkerEnv, store: RunStore) -> list[dict]:
         apply_spec_hyperparameters(optimizer, scheduler, t.optimizer)
         start_epoch, step, history = ckpt_meta["epoch"], ckpt_meta["step"], ckpt_meta["history"]
     weights = [w for module in layout.local for w in penalized_weights(module)]
-    attempt = time.strftime("%Y-%m-%dT%H:%M:%S")
+    attempt = env.attempt or time.strftime("%Y-%m-%dT%H:%M:%S")
     dp = spec.parallelism.data
 
     for epoch in range(start_epoch + 1, t.epochs + 1):
@@ -148,7 +148,6 @@ def fit(spec, meta, env: WorkerEnv, store: RunStore) -> list[dict]:
         record["epoch_seconds"] = time.perf_counter() - started
         history.append(record)
         _save(spec, meta, store, layout, optimizer, scheduler, record, history, env)
-        env.report({k: v for k, v in record.items() if k != "step_losses"})
     return history
 
 

@@ -68,6 +68,10 @@ class ProgressView:
             table.show_header = not self.header_done
             self.header_done = True
             self.progress.console.print(table)
+        elif item["type"] == "restart":
+            self.progress.console.print(f"[yellow]a worker failed ({item['reason']}); restarting the workers from "
+                                        f"the last checkpoint (failure {item['failures']} of "
+                                        f"{self.spec.failure.max_failures} allowed)[/]")
 
 
 def write_curves(root: Path, history: list[dict]) -> None:

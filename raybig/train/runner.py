@@ -1,4 +1,4 @@
-"""The driver side of `raybig run`: check the plan, prepare the store, start Ray Train, show progress."""
+"""The driver side of `raybig run`: check the plan, prepare the store, start the worker group, show progress."""
 from __future__ import annotations
 
 import warnings
@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from raybig.data.datasets import DataMeta, describe, load
-from raybig.data.loader import choose_loader, to_ray_datasets
+from raybig.data.loader import choose_loader
 from raybig.errors import SpecError
 from raybig.models import build_model
 from raybig.spec import JobSpec
@@ -60,7 +60,7 @@ def check_plan(spec: JobSpec, meta: DataMeta, cpus: float | None) -> None:
 
 
 def rank_resources(spec: JobSpec) -> dict[str, float]:
-    """What one rank reserves, under Ray Train or in a sweep trial's bundle."""
+    """What one rank reserves: its bundle of the run's or the sweep trial's placement group."""
     res = spec.resources
     return {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})}
 
@@ -116,11 +116,13 @@ def run(spec: JobSpec, *, address: str | None = None, num_cpus: float | None = N
         fit_with=None) -> RunOutcome:
     """Train `spec` to its last epoch. Progress (steps, finished epochs) goes to a live view on `console`,
     or to `on_item(item)` when given (a sweep trial relays finished epochs to Ray Tune). Without
-    `prune_checkpoints` every epoch checkpoint stays until the caller prunes the store. `fit_with` is the
-    worker group: Ray Train by default, a sweep trial's own actors in a sweep (raybig.train.group)."""
+    `prune_checkpoints` every epoch checkpoint stays until the caller prunes the store. `fit_with` starts
+    the worker group (raybig.train.group): the run's own placement group by default, a sweep trial's in a
+    sweep."""
     import ray
 
     from raybig.cluster import embedded_cpus, ray_session
+    from raybig.train.group import fit_on_own_group
     from raybig.train.progress import ProgressView, write_curves
 
     meta = describe(spec.data)
@@ -134,7 +136,7 @@ def run(spec: JobSpec, *, address: str | None = None, num_cpus: float | None = N
     started = time.perf_counter()
     with ray_session(address, num_cpus, verbose):
         check_resources(spec, ray.cluster_resources())
-        fit = fit_with or fit_with_ray_train
+        fit = fit_with or fit_on_own_group
         if on_item is not None:
             fit(spec, bundle, loader, store, on_item, prune_checkpoints)
         else:
@@ -160,49 +162,9 @@ def loop_config(spec: JobSpec, bundle, loader: str, store: RunStore, board=None,
             "prune_checkpoints": prune_checkpoints}
 
 
-def build_trainer(spec: JobSpec, bundle, loader: str, store: RunStore, board=None, prune_checkpoints: bool = True):
-    """The TorchTrainer for one run; its rank 0 sends progress to `board` (a ProgressBoard actor)."""
-    import ray.train
-    from ray.train import DataConfig
-    from ray.train.torch import TorchTrainer
-
-    from raybig.train.worker import train_loop_per_worker
-
-    res = spec.resources
-    streamed = {}
-    if loader == "stream":
-        streamed = {"datasets": to_ray_datasets(bundle), "dataset_config": DataConfig(datasets_to_split=["train", "val"])}
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config(spec, bundle, loader, store, board, prune_checkpoints),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=spec.parallelism.workers, use_gpu=res.gpus_per_worker > 0,
-            resources_per_worker=rank_resources(spec)),
-        run_config=ray.train.RunConfig(
-            name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=str((store.root / ".ray").resolve()),
-            # controller_failure_limit 0: a worker group that does not start within its timeout ends the run
-            # with the reason; Ray Train's default (-1) retries it for good, which on a full cluster is a hang
-            failure_config=ray.train.FailureConfig(max_failures=spec.failure.max_failures,
-                                                   controller_failure_limit=0)),
-        **streamed,
-    )
-
-
 def pick_loader(spec: JobSpec, bundle) -> str:
     # the stages of one pipeline replica must see the same batches, which only the memory loader gives
     return "memory" if spec.parallelism.pipeline.stages > 1 else choose_loader(spec.data.loader, bundle.nbytes)
-
-
-def fit_with_ray_train(spec: JobSpec, bundle, loader: str, store: RunStore, handle, prune_checkpoints: bool) -> None:
-    """Train on a Ray Train worker group (TorchTrainer), relaying rank 0's progress to `handle`."""
-    from raybig.train.progress import ProgressBoard
-
-    board = ProgressBoard.remote()
-    trainer = build_trainer(spec, bundle, loader, store, board=board, prune_checkpoints=prune_checkpoints)
-    error = run_relaying(trainer.fit, board, handle, "raybig-fit")
-    if error:
-        raise RunFailed(explain_failure(error)) from error
 
 
 def run_relaying(work, board, handle, name: str) -> BaseException | None:
