@@ -190,6 +190,8 @@ def serve_runs(
     cluster_path: Optional[str] = typer.Option(None, help="With --export: where the run directories live on the "
                                                "cluster, e.g. /models."),
     store_claim: Optional[str] = typer.Option(None, help="With --export: a PersistentVolumeClaim mounted at /models."),
+    trust_code: bool = typer.Option(False, "--trust-code", help="Serve runs whose model is your own code (model "
+                                    "kind python): their factory is imported and run in every replica."),
 ):
     """Serve trained runs over HTTP until Ctrl-C: POST /v1/models/NAME/predict, GET /v1/models, /docs."""
     import signal
@@ -199,7 +201,7 @@ def serve_runs(
     from raybig.serve.app import ServeStartFailed, direct_urls, entry_from_arg, start, stop
 
     try:
-        entries = [entry_from_arg(arg) for arg in runs]
+        entries = [entry_from_arg(arg, trust_code) for arg in runs]
     except SpecError as error:
         _fail(error)
     first = entries[0].serve
@@ -301,7 +303,7 @@ def demo(
         out.print(f"[green]trained[/]: {root / 'model.safetensors'} (val accuracy "
                   f"{outcome.final.get('val_accuracy', float('nan')):.2%}, epoch {outcome.final.get('epoch')})",
                   highlight=False)
-        entry = entry_from_arg(str(root))
+        entry = entry_from_arg(str(root), trust_code=True)  # the demo's own spec: the user ran its code already
         try:
             url = start([entry], spec.serve.host, spec.serve.port)
         except ServeStartFailed as error:

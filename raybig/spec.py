@@ -58,7 +58,24 @@ class TransformerSpec(Strict):
         return self
 
 
-ModelSpec = Annotated[Union[MLPSpec, CNNSpec, LSTMSpec, TransformerSpec], Field(discriminator="kind")]
+class PythonModelSpec(Strict):
+    kind: Literal["python"]
+    factory: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_.]*$",
+                         description="`package.module:function`, called as `function(meta, **args)` to build the "
+                         "nn.Module (meta: the data's task, shape, num_classes, vocab); see docs/models.md.")
+    args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the factory.")
+    code: list[str] = Field(default_factory=list, description="Directories put first on the import path of every "
+                            "process that builds the model, relative to the spec's file; default: the spec's "
+                            "directory.")
+
+    @model_validator(mode="after")
+    def _absolute_code(self):
+        self.code = [str(Path(c).expanduser().resolve()) for c in self.code]
+        return self
+
+
+ModelSpec = Annotated[Union[MLPSpec, CNNSpec, LSTMSpec, TransformerSpec, PythonModelSpec],
+                      Field(discriminator="kind")]
 
 
 # ----------------------------------------------------------------------------- data
@@ -374,6 +391,11 @@ class JobSpec(Strict):
             problems.append(("train.batch_size", f"global batch {self.train.batch_size} is not divisible by "
                              f"parallelism.data {self.parallelism.data}"))
         is_lm = self.model.kind == "transformer" and self.model.task == "lm"
+        if self.model.kind == "python":
+            is_lm = self.data.source == "text"  # the user's module takes whichever the data is
+            if self.train.regularization.dropout:
+                problems.append(("train.regularization.dropout", "a python model has the dropout its factory gives "
+                                 "it; set it through model.args"))
         if self.train.loss == "mse" and not self.data.one_hot:
             problems.append(("train.loss", "mse on a classifier needs one-hot targets: set data.one_hot: true, "
                              "or use cross_entropy"))
@@ -549,7 +571,18 @@ def set_path(raw: dict, path: str, value: Any) -> dict:
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
-    return parse_spec(apply_overrides(read_yaml(path), overrides or []), source=str(path))
+    return parse_spec(_code_beside(apply_overrides(read_yaml(path), overrides or []), Path(path)), source=str(path))
+
+
+def _code_beside(raw: Any, path: Path) -> Any:
+    """A python model's code directories are relative to its spec's file (by default that file's directory)."""
+    model = raw.get("model") if isinstance(raw, dict) else None
+    if not isinstance(model, dict) or model.get("kind") != "python":
+        return raw
+    code = model.get("code", ["."])
+    if isinstance(code, list):
+        code = [str(path.resolve().parent / c) if isinstance(c, str) else c for c in code]
+    return {**raw, "model": {**model, "code": code}}
 
 
 def json_schema() -> str:

@@ -11,6 +11,7 @@ SECTIONS = [
     ("Top level", S.JobSpec, ""),
     ("model: kind mlp", S.MLPSpec, "model"), ("model: kind cnn", S.CNNSpec, "model"),
     ("model: kind lstm", S.LSTMSpec, "model"), ("model: kind transformer", S.TransformerSpec, "model"),
+    ("model: kind python (your own module, docs/models.md)", S.PythonModelSpec, "model"),
     ("data: source digits", S.DigitsData, "data"), ("data: source text", S.TextData, "data"),
     ("data: source parquet", S.ParquetData, "data"), ("data: source synthetic", S.SyntheticData, "data"),
     ("train", S.TrainSpec, "train"),

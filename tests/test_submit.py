@@ -142,6 +142,18 @@ def test_a_sweep_is_submitted_like_a_run(head):
         "digits-sweep"
 
 
+def test_a_spec_of_ones_own_model_trains_on_the_cluster_from_the_code_the_job_ships(head):
+    proc = raybig("submit", "jobs/own_model.yaml", "--cluster", head["file"], "--set", "train.epochs=1",
+                  "--set", "parallelism.data=1", "--follow")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "SUCCEEDED" in proc.stdout and "done: val accuracy" in proc.stdout
+    info = json.loads((head["store"] / "own-resmlp" / "model.json").read_text())
+    assert info["kind"] == "python" and info["model"]["factory"] == "resmlp:build"
+    # the job imported the copy of examples/own_model that Ray unpacked for it, not this checkout's
+    code = Path(info["model"]["code"][0])
+    assert code.name == "own_model" and not code.is_relative_to(ROOT)
+
+
 def query_until_up(url: str, inputs: list, seconds: float = 150):
     """POST to a model that a just-submitted job is still starting; None if it never answers."""
     deadline = time.time() + seconds

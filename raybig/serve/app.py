@@ -48,10 +48,12 @@ class ModelEntry:
     run_dir: str
     serve: ServeSpec
     info: dict = field(default_factory=dict)
+    trust_code: bool = False  # a python model's factory may be imported (raybig serve --trust-code)
 
 
-def entry_from_arg(arg: str) -> ModelEntry:
-    """`runs/x` (or an s3:// / gs:// run), or `name:version=runs/x` to name the model and version explicitly."""
+def entry_from_arg(arg: str, trust_code: bool = False) -> ModelEntry:
+    """`runs/x` (or an s3:// / gs:// run), or `name:version=runs/x` to name the model and version explicitly.
+    A run whose model is user code (kind python) is refused unless `trust_code`: serving it runs that code."""
     name = version = None
     path = arg
     if "=" in arg and "://" not in arg.split("=", 1)[0]:  # a URI's own query has '=' too
@@ -61,10 +63,15 @@ def entry_from_arg(arg: str) -> ModelEntry:
     info = store.model_info()
     if info is None:
         raise SpecError(f"{path} holds no trained model (no model.json); train it with `raybig run` first")
+    if info.get("kind") == "python" and not trust_code:
+        model = info.get("model", {})
+        raise SpecError(f"{path} is a python model: serving it imports and runs {model.get('factory')} (from "
+                        f"{', '.join(model.get('code') or ['the installed packages'])}); pass --trust-code if you "
+                        "trust that code", "--trust-code")
     raw = yaml.safe_load((store.root / "spec.yaml").read_text()) if (store.root / "spec.yaml").exists() else {}
     settings = ServeSpec.model_validate((raw or {}).get("serve") or {})
     where = path if is_uri(path) else str(Path(path).resolve())  # each replica fetches a URI's files itself
-    return ModelEntry(name or info["name"], version or settings.version, where, settings, info)
+    return ModelEntry(name or info["name"], version or settings.version, where, settings, info, trust_code)
 
 
 def _body(schema) -> dict:
@@ -85,7 +92,7 @@ class ModelServer:
     def __init__(self, entries: list[dict], defaults: dict[str, str], settings: dict):
         torch.set_num_threads(settings["threads"])
         self.entries = {(e["name"], e["version"]): e for e in entries}
-        self.models = {key: ServedModel(e["run_dir"], e["max_batch_size"], e["batch_wait_ms"])
+        self.models = {key: ServedModel(e["run_dir"], e["max_batch_size"], e["batch_wait_ms"], e["trust_code"])
                        for key, e in self.entries.items()}
         self.defaults = defaults
         self.max_payload_bytes = settings["max_payload_bytes"]
@@ -196,7 +203,7 @@ def build_app(entries: list[ModelEntry]):
                 "threads": max(1, int(first.cpus_per_replica))}
     described = [{"name": e.name, "version": e.version, "run_dir": e.run_dir, "info": e.info,
                   "max_samples": e.serve.max_samples_per_request, "max_batch_size": e.serve.max_batch_size,
-                  "batch_wait_ms": e.serve.batch_wait_ms} for e in entries]
+                  "batch_wait_ms": e.serve.batch_wait_ms, "trust_code": e.trust_code} for e in entries]
     return ModelServer.options(**options).bind(described, defaults, settings)
 
 

@@ -3,11 +3,11 @@
     applications:
     - name: raybig
       import_path: raybig.serve.deploy:app
-      args: {runs: ["digits-cnn:v1=/models/digits-cnn"]}
+      args: {runs: ["digits-cnn:v1=/models/digits-cnn"]}   # trust_code: true for python models (user code)
 """
 from raybig.serve.app import build_app, entry_from_arg
 
 
 def app(args: dict):
     """An application builder: Serve calls it with the config's `args`."""
-    return build_app([entry_from_arg(run) for run in args["runs"]])
+    return build_app([entry_from_arg(run, bool(args.get("trust_code"))) for run in args["runs"]])

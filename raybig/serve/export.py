@@ -8,12 +8,13 @@ import ray
 RAY_IMAGE = f"rayproject/ray:{ray.__version__}-py311-cpu"
 
 
-def serve_config(runs: list[str], port: int) -> dict:
+def serve_config(runs: list[str], port: int, trust_code: bool = False) -> dict:
+    args = {"runs": runs, **({"trust_code": True} if trust_code else {})}
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "0.0.0.0", "port": port},
         "applications": [{"name": "raybig", "route_prefix": "/", "import_path": "raybig.serve.deploy:app",
-                          "args": {"runs": runs}}],
+                          "args": args}],
     }
 
 
@@ -51,7 +52,7 @@ def export(entries, out_dir: str, port: int, image: str = RAY_IMAGE, store_claim
     lives on the cluster (e.g. /models), keeping its own name."""
     runs = [f"{e.name}:{e.version}=" + (f"{path_prefix.rstrip('/')}/{Path(e.run_dir).name}" if path_prefix else e.run_dir)
             for e in entries]
-    config = serve_config(runs, port)
+    config = serve_config(runs, port, trust_code=any(e.trust_code for e in entries))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = f"raybig-{entries[0].name}".lower().replace("_", "-").replace(".", "-")[:50]

@@ -16,8 +16,9 @@ class ServedModel:
     queue across every instance in the process, which would mix versions in a batch.
     """
 
-    def __init__(self, run_dir: str, max_batch_size: int, batch_wait_ms: float):
-        self.model, self.info = load_trained_model(local_model(run_dir))  # a path, or an s3:// / gs:// run
+    def __init__(self, run_dir: str, max_batch_size: int, batch_wait_ms: float, trust_code: bool = False):
+        # a path, or an s3:// / gs:// run
+        self.model, self.info = load_trained_model(local_model(run_dir), trust_code=trust_code)
         self.predict = serve.batch(max_batch_size=max_batch_size,
                                    batch_wait_timeout_s=batch_wait_ms / 1000)(self._forward_batch)
         self.batches = 0

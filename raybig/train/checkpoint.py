@@ -160,11 +160,12 @@ class RunStore:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def load_trained_model(run_dir: str | Path):
+def load_trained_model(run_dir: str | Path, trust_code: bool = False):
     """The published model of a run, ready for inference: (model in eval mode, model.json info).
 
     Everything needed to rebuild it is in model.json (model section and data shape/classes/vocab),
-    so serving and fine-tuning never need the training data or code paths.
+    so serving and fine-tuning never need the training data or code paths. A python model is rebuilt by
+    importing its factory, which runs the user's code: only with `trust_code`.
     """
     from pydantic import TypeAdapter
 
@@ -177,6 +178,11 @@ def load_trained_model(run_dir: str | Path):
     if info is None:
         raise FileNotFoundError(f"{store.root} holds no trained model (no model.json)")
     model_spec = TypeAdapter(ModelSpec).validate_python(info["model"])
+    if model_spec.kind == "python" and not trust_code:
+        from raybig.models.user import UntrustedCode
+
+        raise UntrustedCode(f"{store.root} holds a python model ({model_spec.factory}): loading it runs that "
+                            "code; pass trust_code=True (raybig serve --trust-code) if you trust it")
     model = build_model(model_spec, DataMeta(**info["data"]))
     model.load_state_dict(store.load_model_state())
     return model.eval(), info

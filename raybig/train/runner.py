@@ -36,13 +36,25 @@ class RunOutcome:
 def check_plan(spec: JobSpec, meta: DataMeta, cpus: float | None) -> None:
     """Cross-checks that need the data or the cluster's CPUs (where known), made before any worker starts."""
     problems = []
-    if spec.model.num_classes is not None and spec.model.num_classes != meta.num_classes:
-        problems.append(("model.num_classes", f"{spec.model.num_classes}, but the data has {meta.num_classes} classes"))
+    wanted = getattr(spec.model, "num_classes", None)
+    if wanted is not None and wanted != meta.num_classes:
+        problems.append(("model.num_classes", f"{wanted}, but the data has {meta.num_classes} classes"))
+    blocks = 0
     try:
-        blocks = len(build_model(spec.model, meta).blocks)
+        model = build_model(spec.model, meta)
+        if spec.model.kind == "python":
+            from raybig.models.user import check_output
+
+            check_output(model, spec.model, meta)
+        else:
+            blocks = len(model.blocks)
+    except SpecError as err:
+        problems += err.problems
     except ValueError as err:
         problems.append(("model.kind", f"{spec.model.kind}: {err}"))
-        blocks = 0
+    if spec.model.kind == "python" and spec.parallelism.pipeline.stages > 1:
+        problems.append(("parallelism.pipeline.stages", "a python model trains data-parallel; pipeline stages need "
+                         "its blocks, which raybig does not find in a user's module yet"))
     pipe = spec.parallelism.pipeline
     if blocks and pipe.total_stages > blocks:
         problems.append(("parallelism.pipeline.stages", f"{pipe.total_stages} stages but the {spec.model.kind} "
