@@ -55,9 +55,11 @@ def validate(
               f"{p.workers} worker(s): data {p.data} x pipeline {p.pipeline.stages})", highlight=False)
     if p.pipeline.stages > 1:
         from raybig.models import build_model
+        from raybig.models.parts import model_parts
         from raybig.train.parallel import describe_stages
 
-        for line in describe_stages(build_model(spec.model, meta), p.pipeline):
+        parts = model_parts(build_model(spec.model, meta), getattr(spec.model, "blocks", None))
+        for line in describe_stages(parts, p.pipeline):
             out.print(f"  {line}", highlight=False)
     if spec.sweep is not None:
         from raybig.sweep.driver import concurrency_note, expected_trials
@@ -118,11 +120,13 @@ def run(
         err.print(f"{root} already holds all {spec.train.epochs} epochs (use --fresh to train again)")
         out.print(epoch_table(outcome.history[-1:]))
     final = outcome.final
-    out.print(f"[green]done[/]: val accuracy {final.get('val_accuracy', float('nan')):.2%}, "
+    perplexity = f"val perplexity {final['val_perplexity']:.2f}, " if "val_perplexity" in final else ""
+    out.print(f"[green]done[/]: {perplexity}val accuracy {final.get('val_accuracy', float('nan')):.2%}, "
               f"val loss {final.get('val_loss', float('nan')):.4f} after epoch {final.get('epoch', 0)}"
               + (f" in {outcome.seconds:.0f} s" if outcome.seconds else ""), highlight=False)
+    pretrained = ", hf/ (save_pretrained)" if spec.model.kind == "hf" else ""
     out.print(f"model: {root}/model.safetensors\nrun:   {root}/ (spec.yaml, metrics.json, curves.png, "
-              "tensorboard/, checkpoints/)", highlight=False)
+              f"tensorboard/, checkpoints/{pretrained})", highlight=False)
 
 
 @app.command()

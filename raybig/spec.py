@@ -67,6 +67,9 @@ class PythonModelSpec(Strict):
     code: list[str] = Field(default_factory=list, description="Directories put first on the import path of every "
                             "process that builds the model, relative to the spec's file; default: the spec's "
                             "directory.")
+    blocks: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                               description="The module's child nn.ModuleList of repeated blocks, for pipeline "
+                               "stages; default: its only ModuleList child.")
 
     @model_validator(mode="after")
     def _absolute_code(self):
@@ -74,7 +77,27 @@ class PythonModelSpec(Strict):
         return self
 
 
-ModelSpec = Annotated[Union[MLPSpec, CNNSpec, LSTMSpec, TransformerSpec, PythonModelSpec],
+class HFModelSpec(Strict):
+    kind: Literal["hf"]
+    task: Literal["causal_lm"] = Field(default="causal_lm", description="causal_lm: a decoder trained on "
+                                       "data.source: text (AutoModelForCausalLM).")
+    config: dict[str, Any] = Field(default_factory=dict, description="A transformers config: model_type (llama, "
+                                   "mistral, qwen2, gpt2, ...) and its settings; vocab_size comes from the data.")
+    pretrained: str | None = Field(default=None, description="A local save_pretrained directory to start from "
+                                   "(relative to the spec's file) instead of config; never downloaded.")
+
+    @model_validator(mode="after")
+    def _config_or_pretrained(self):
+        if self.pretrained is None and "model_type" not in self.config:
+            raise ValueError("set config.model_type (e.g. llama) or pretrained: a save_pretrained directory")
+        if self.pretrained is not None and self.config:
+            raise ValueError("config and pretrained are exclusive: a pretrained directory has its own config")
+        if self.pretrained is not None:
+            self.pretrained = str(Path(self.pretrained).expanduser().resolve())
+        return self
+
+
+ModelSpec = Annotated[Union[MLPSpec, CNNSpec, LSTMSpec, TransformerSpec, PythonModelSpec, HFModelSpec],
                       Field(discriminator="kind")]
 
 
@@ -334,14 +357,15 @@ class PbtScheduler(Strict):
 
 SchedulerSpec = Annotated[Union[FifoScheduler, AshaScheduler, PbtScheduler], Field(discriminator="name")]
 METRIC_MODES = {"val_accuracy": "max", "val_f1": "max", "val_precision": "max", "val_recall": "max",
-                "val_loss": "min", "train_loss": "min"}
+                "val_loss": "min", "train_loss": "min", "val_perplexity": "min"}
 
 
 class SweepSpec(Strict):
     """What `raybig sweep` searches: each trial is a full run of this spec with the sampled values set."""
-    metric: Literal["val_accuracy", "val_f1", "val_precision", "val_recall", "val_loss", "train_loss"] = "val_accuracy"
+    metric: Literal["val_accuracy", "val_f1", "val_precision", "val_recall", "val_loss", "train_loss",
+                    "val_perplexity"] = Field(default="val_accuracy", description="val_perplexity: language models only.")
     mode: Literal["max", "min"] | None = Field(default=None, description="Default: max for accuracy, F1, precision "
-                                               "and recall; min for losses.")
+                                               "and recall; min for losses and perplexity.")
     space: dict[str, Dimension] = Field(min_length=1, description="Dotted spec paths (as --set takes them), e.g. "
                                         "train.optimizer.lr: {loguniform: [1.0e-4, 1.0e-1]}.")
     searcher: Literal["random", "grid", "optuna"] = Field(
@@ -390,12 +414,17 @@ class JobSpec(Strict):
         if self.train.batch_size % self.parallelism.data:
             problems.append(("train.batch_size", f"global batch {self.train.batch_size} is not divisible by "
                              f"parallelism.data {self.parallelism.data}"))
-        is_lm = self.model.kind == "transformer" and self.model.task == "lm"
+        is_lm = (self.model.kind == "transformer" and self.model.task == "lm") or self.model.kind == "hf"
+        if self.model.kind == "hf" and self.train.regularization.dropout:
+            problems.append(("train.regularization.dropout", "a Hugging Face model takes its dropout from its "
+                             "config (e.g. model.config.attention_dropout)"))
         if self.model.kind == "python":
             is_lm = self.data.source == "text"  # the user's module takes whichever the data is
             if self.train.regularization.dropout:
                 problems.append(("train.regularization.dropout", "a python model has the dropout its factory gives "
                                  "it; set it through model.args"))
+        if self.sweep is not None and self.sweep.metric == "val_perplexity" and not is_lm:
+            problems.append(("sweep.metric", "val_perplexity is a language model's metric; this model is a classifier"))
         if self.train.loss == "mse" and not self.data.one_hot:
             problems.append(("train.loss", "mse on a classifier needs one-hot targets: set data.one_hot: true, "
                              "or use cross_entropy"))
@@ -575,8 +604,11 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
 
 
 def _code_beside(raw: Any, path: Path) -> Any:
-    """A python model's code directories are relative to its spec's file (by default that file's directory)."""
+    """A python model's code directories and an hf model's pretrained directory are relative to its spec's
+    file (code by default: that file's directory)."""
     model = raw.get("model") if isinstance(raw, dict) else None
+    if isinstance(model, dict) and model.get("kind") == "hf" and isinstance(model.get("pretrained"), str):
+        return {**raw, "model": {**model, "pretrained": str(path.resolve().parent / model["pretrained"])}}
     if not isinstance(model, dict) or model.get("kind") != "python":
         return raw
     code = model.get("code", ["."])

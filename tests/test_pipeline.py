@@ -10,6 +10,7 @@ from multiproc import run_local
 from raybig.data.datasets import describe
 from raybig.errors import SpecError
 from raybig.models import build_model
+from raybig.models.parts import model_parts
 from raybig.spec import parse_spec
 from raybig.train.checkpoint import RunStore
 from raybig.train.parallel import balanced_split, split_model, stage_starts
@@ -88,7 +89,7 @@ def test_balanced_split_minimises_the_largest_stage():
 def test_every_model_kind_splits_into_stages_that_compose(model, stages):
     spec = parse_spec({"name": "x", "model": model, "data": {"source": "digits"}})
     net = build_model(spec.model, describe(spec.data), seed=0).eval()
-    parts = split_model(net, stage_starts(net, stages, None))
+    parts = split_model(model_parts(net), stage_starts(model_parts(net), stages, None))
     assert len(parts) == stages
     merged = {}
     for part in parts:
@@ -104,7 +105,7 @@ def test_every_model_kind_splits_into_stages_that_compose(model, stages):
 def test_transformer_splits_between_its_layers():
     spec = parse_spec({"name": "x", "model": {"kind": "transformer", "layers": 4}, "data": {"source": "digits"}})
     net = build_model(spec.model, describe(spec.data))
-    starts = stage_starts(net, 2, None)
+    starts = stage_starts(model_parts(net), 2, None)
     # blocks: embed, 4 layers, head: a balanced cut falls between two attention layers
     assert starts == [0, 3] and type(net.blocks[3]).__name__ == "Layer"
 

@@ -39,6 +39,35 @@ def build(meta, width=32, depth=2):
     return TinyNet(int(torch.tensor(meta.shape).prod()), meta.num_classes, width, depth)
 
 
+class Residual(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.mix = nn.Sequential(nn.Linear(width, width), nn.GELU())
+
+    def forward(self, h):
+        return h + self.mix(h)
+
+
+class LayeredNet(nn.Module):
+    """Its forward is its children in order, so raybig can cut it into pipeline stages."""
+
+    def __init__(self, inputs, classes, width, depth):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Flatten(), nn.Linear(inputs, width), nn.ReLU())
+        self.layers = nn.ModuleList(Residual(width) for _ in range(depth))
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h)
+
+
+def layered(meta, width=32, depth=2):
+    return LayeredNet(int(torch.tensor(meta.shape).prod()), meta.num_classes, width, depth)
+
+
 def not_a_module(meta):
     return "a string"
 
@@ -95,18 +124,48 @@ def test_a_broken_factory_is_refused_before_anything_starts(tmp_path, project, m
     assert not (tmp_path / "runs").exists()  # nothing started, nothing written
 
 
-def test_a_user_model_asked_for_pipeline_stages_is_refused_with_the_reason(project, tmp_path):
+def test_pipeline_stages_of_a_module_whose_forward_is_not_its_children_in_order_are_refused(project, tmp_path):
+    """TinyNet's forward flattens, applies relu and adds residuals between its children: cutting it there
+    would train a different function, so raybig refuses, and still trains it data-parallel."""
     job = write_job(tmp_path, {"kind": "python", "factory": "usernet:build", "code": [str(project)]},
                     parallelism={"data": 1, "pipeline": {"stages": 2, "microbatches": 4}})
     result = CliRunner().invoke(app, ["validate", str(job)])
     assert result.exit_code == 2 and "parallelism.pipeline.stages" in result.output, result.output
+    assert "does more than call them in order" in result.output, result.output
+    named = write_job(tmp_path, {"kind": "python", "factory": "usernet:layered", "code": [str(project)],
+                                 "blocks": "nothing"}, parallelism={"data": 1, "pipeline": {"stages": 2, "microbatches": 4}})
+    result = CliRunner().invoke(app, ["validate", str(named)])
+    assert result.exit_code == 2 and "no child nn.ModuleList named 'nothing'" in result.output, result.output
+
+
+def test_pipeline_stages_of_a_user_module_reproduce_one_process(project, tmp_path):
+    """The parts found in the user's module (stem, each layer, head) are cut into stages: pipeline 2 and
+    data 2 x pipeline 2 train the same steps as one process."""
+    from multiproc import run_local
+
+    model = {"kind": "python", "factory": "usernet:layered", "args": {"depth": 3}, "code": [str(project)]}
+    runs = {}
+    for name, parallelism in [("one", {"data": 1}), ("pp2", {"data": 1, "pipeline": {"stages": 2, "microbatches": 4}}),
+                              ("dp2pp2", {"data": 2, "pipeline": {"stages": 2, "microbatches": 2}})]:
+        (tmp_path / name).mkdir()
+        spec = yaml.safe_load(write_job(tmp_path / name, model, parallelism=parallelism).read_text())
+        spec["train"]["epochs"] = 1
+        run_local(spec, tmp_path / name / "run")
+        runs[name] = [loss for r in json.loads((tmp_path / name / "run" / "metrics.json").read_text())
+                      for loss in r["step_losses"]]
+    assert len(runs["one"]) >= 10
+    for name in ("pp2", "dp2pp2"):
+        torch.testing.assert_close(torch.tensor(runs[name]), torch.tensor(runs["one"]), rtol=1e-4, atol=0)
+    result = CliRunner().invoke(app, ["validate", str(write_job(tmp_path, model, parallelism={
+        "data": 1, "pipeline": {"stages": 2, "microbatches": 4}}))])
+    assert result.exit_code == 0 and "[Sequential, Residual]" in result.output, result.output
 
 
 @pytest.fixture(scope="module")
 def trained(ray_local, project):
     from raybig.train.runner import run
 
-    spec = load_spec(write_job(project, {"kind": "python", "factory": "usernet:build", "args": {"width": 48}}))
+    spec = load_spec(write_job(project, {"kind": "python", "factory": "usernet:layered", "args": {"width": 48}}))
     return spec, run(spec, num_cpus=RAY_CPUS)
 
 
@@ -125,7 +184,7 @@ def test_a_user_model_trains_data_parallel_and_is_served_only_when_trusted(train
     assert history[-1]["train_loss"] < history[0]["train_loss"] and outcome.final["val_accuracy"] > 0.8  # chance is 0.1
     root = outcome.store.root
     info = json.loads((root / "model.json").read_text())
-    assert info["kind"] == "python" and info["model"]["factory"] == "usernet:build"
+    assert info["kind"] == "python" and info["model"]["factory"] == "usernet:layered"
     assert info["model"]["args"] == {"width": 48}
 
     # user code runs only when the caller says so: the CLI refuses before starting Ray, naming the flag

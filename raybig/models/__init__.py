@@ -1,5 +1,6 @@
 """Model zoo. Each builder returns an ordered list of blocks; BlockModel runs them in order. A python model
-(raybig.models.user) is whatever module the user's factory returns."""
+(raybig.models.user) is whatever module the user's factory returns; an hf model (raybig.models.hf) is a
+transformers model. raybig.models.parts is how parallelism sees all of them."""
 from __future__ import annotations
 
 import torch
@@ -21,4 +22,8 @@ def build_model(model_spec, meta, dropout: float = 0.0, seed: int | None = None)
         from raybig.models.user import build_user_model
 
         return build_user_model(model_spec, meta)
+    if model_spec.kind == "hf":
+        from raybig.models.hf import build_hf_model
+
+        return build_hf_model(model_spec, meta)
     return BlockModel(BUILDERS[model_spec.kind](model_spec, meta, dropout), model_spec.kind)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from raybig.models.parts import Part, module_part
+
 
 class BlockModel(nn.Module):
     """A model whose forward is its blocks applied in order; `blocks[i:j]` is a valid sub-model."""
@@ -17,6 +19,9 @@ class BlockModel(nn.Module):
         for block in self.blocks:
             x = block(x)
         return x
+
+    def raybig_parts(self) -> list[Part]:
+        return [module_part(f"blocks.{i}", block) for i, block in enumerate(self.blocks)]
 
 
 class Reshape(nn.Module):

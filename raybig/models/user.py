@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from raybig.errors import SpecError
+from raybig.models.parts import probe_batch
 
 
 class UntrustedCode(RuntimeError):
@@ -61,7 +62,7 @@ def build_user_model(model_spec, meta) -> nn.Module:
 def check_output(model: nn.Module, model_spec, meta) -> None:
     """Run the module on a probe batch of two samples: its logits must have the data's classes (or the
     vocabulary) as their last dimension, so the loss and metrics apply."""
-    probe = torch.zeros(2, *meta.shape, dtype=torch.long if meta.task == "lm" else torch.float32)
+    probe = probe_batch(meta)
     try:
         with torch.no_grad():
             out = model(probe)

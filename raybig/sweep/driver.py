@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raybig.errors import SpecError
-from raybig.sweep.space import base_of, clip_to_space, mutations, trial_spec, tune_space
+from raybig.sweep.space import apply_config, base_of, clip_to_space, mutations, trial_spec, tune_space
 
 @dataclass
 class SweepOutcome:
@@ -53,6 +53,25 @@ def concurrency_note(spec, cpus: float) -> str | None:
         return None
     return (f"sweep.max_concurrent: {spec.sweep.max_concurrent} trials x {need:g} CPUs do not fit the cluster's "
             f"{cpus:g} CPUs; {fits} run at a time")
+
+
+def check_model_axes(spec, meta) -> None:
+    """An axis under model. (model.args.width, model.config.hidden_size) changes the model itself: build it
+    at each of the axis's probe values, so a value the factory or the config refuses stops the sweep before
+    any trial starts rather than failing every trial that samples it."""
+    from raybig.spec import parse_spec
+    from raybig.train.runner import check_plan
+
+    base = base_of(spec)
+    for path, dim in spec.sweep.space.items():
+        if not path.startswith("model."):
+            continue
+        for value in dim.probes():
+            try:
+                check_plan(parse_spec(apply_config(base, {path: value})), meta, None)
+            except SpecError as err:
+                problem_path, message = err.problems[0]
+                raise SpecError(f"{value!r}: {problem_path}: {message}", f"sweep.space.{path}") from None
 
 
 def sweep_paths(spec) -> tuple[Path, Path]:
@@ -148,6 +167,7 @@ def run_sweep(spec, *, resume: bool = False, fresh: bool = False, address: str |
         raise SpecError("a sweep trial's ranks hold the data in memory; stream is for single runs", "data.loader")
     meta = describe(spec.data)
     check_plan(spec, meta, None if address else embedded_cpus(num_cpus))
+    check_model_axes(spec, meta)
     tune_dir = sweep_dir / "tune"
     if fresh:
         shutil.rmtree(sweep_dir, ignore_errors=True)

@@ -33,7 +33,16 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    """Tensors safetensors can write: on the CPU, contiguous, and each with its own storage (tied weights,
+    such as an embedding shared with the output head, appear under both names)."""
+    out, seen = {}, set()
+    for k, v in state.items():
+        v = v.detach().cpu().contiguous()
+        if v.untyped_storage().data_ptr() in seen:
+            v = v.clone()
+        seen.add(v.untyped_storage().data_ptr())
+        out[k] = v
+    return out
 
 
 class RunStore:
@@ -183,6 +192,11 @@ def load_trained_model(run_dir: str | Path, trust_code: bool = False):
 
         raise UntrustedCode(f"{store.root} holds a python model ({model_spec.factory}): loading it runs that "
                             "code; pass trust_code=True (raybig serve --trust-code) if you trust it")
-    model = build_model(model_spec, DataMeta(**info["data"]))
+    if model_spec.kind == "hf":  # from the config recorded with the run: a pretrained directory may be elsewhere
+        from raybig.models.hf import model_from_config
+
+        model = model_from_config(info["hf_config"])
+    else:
+        model = build_model(model_spec, DataMeta(**info["data"]))
     model.load_state_dict(store.load_model_state())
     return model.eval(), info

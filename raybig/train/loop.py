@@ -55,7 +55,7 @@ def _sum_across_ranks(tensor: torch.Tensor, env: WorkerEnv) -> torch.Tensor:
     return tensor
 
 
-def evaluate(spec, layout, env: WorkerEnv, classes: int) -> dict[str, float]:
+def evaluate(spec, layout, env: WorkerEnv, classes: int, criterion) -> dict[str, float]:
     """Validation loss and metrics, computed where the model's output is and summed over all ranks."""
     for module in layout.local:
         module.eval()
@@ -67,7 +67,7 @@ def evaluate(spec, layout, env: WorkerEnv, classes: int) -> dict[str, float]:
         if out is None:
             continue
         n = y.numel()
-        loss_sum += float(loss_fn(spec, out, y)) * n
+        loss_sum += float(criterion(out, y)) * n
         count += n
         cm += confusion(out.argmax(-1).cpu(), y.cpu(), classes)
     totals = _sum_across_ranks(torch.cat([loss_sum, count, cm.reshape(-1).double()]), env)
@@ -85,7 +85,8 @@ def fit(spec, meta, env: WorkerEnv, store: RunStore) -> list[dict]:
     # Every rank builds the whole model from the same seed and keeps its part: identical initial
     # weights in every layout, which is what lets a pipeline run reproduce a single-process one.
     model = build_model(spec.model, meta, dropout=reg.dropout, seed=t.seed).to(env.device)
-    layout = parallelize(model, spec, env, lambda out, y: loss_fn(spec, out, y), lambda: _autocast(spec, env.device))
+    criterion = getattr(model, "loss", None) or (lambda out, y: loss_fn(spec, out, y))  # the model's own, if any
+    layout = parallelize(model, spec, env, criterion, lambda: _autocast(spec, env.device))
     params = parameters(layout)
     optimizer = build_optimizer(params, t.optimizer)
     steps_per_epoch = env.train.steps_per_epoch
@@ -136,13 +137,15 @@ def fit(spec, meta, env: WorkerEnv, store: RunStore) -> list[dict]:
             "epoch": epoch,
             "step": step,
             "train_loss": float(step_losses.mean()),
-            **evaluate(spec, layout, env, meta.num_classes),
+            **evaluate(spec, layout, env, meta.num_classes, criterion),
             "lr": scheduler.get_last_lr()[0],
             "samples_per_s": steps_per_epoch * t.batch_size / max(train_seconds, 1e-9),
             "train_seconds": train_seconds,
             "attempt": attempt,
             "step_losses": step_losses.tolist(),
         }
+        if meta.task == "lm":  # the language model's usual figure: exp of the mean token loss
+            record["val_perplexity"] = math.exp(min(record["val_loss"], 700.0))
         _stop_if_diverged(record, history, t.divergence_factor)
         record["peak_rss_mb"] = _peak_rss_per_rank(env)
         record["epoch_seconds"] = time.perf_counter() - started
@@ -201,10 +204,18 @@ def _save(spec, meta, store: RunStore, layout, optimizer, scheduler, record, his
             info = {"name": spec.name, "kind": spec.model.kind, "epoch": epoch, "data": meta.to_dict(),
                     "model": spec.model.model_dump(mode="json"),
                     "metrics": {k: v for k, v in record.items() if k != "step_losses"}}
+            if spec.model.kind == "hf":
+                from raybig.models.hf import hf_config
+
+                info["hf_config"] = hf_config(spec.model, meta).to_dict()
             store.finish_checkpoint(pending, {"epoch": epoch, "step": record["step"], "history": history,
                                               "layout": _layout_key(spec), "optimizer": spec.train.optimizer.name,
                                               "run": spec.name}, info,
                                     keep=spec.checkpoint.keep if env.prune_checkpoints else None)
+            if last and spec.model.kind == "hf":
+                from raybig.models.hf import write_pretrained
+
+                write_pretrained(store.root / "hf", spec.model, meta, store.root / "model.safetensors")
     if env.rank == 0:
         store.write_history(history)
         if env.progress:

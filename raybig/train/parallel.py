@@ -13,6 +13,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from raybig.models.parts import Part, model_parts
+
 SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B"}
 
 
@@ -77,44 +79,56 @@ def balanced_split(sizes: list[int], parts: int) -> list[int]:
     return starts[::-1]
 
 
-def stage_starts(model: nn.Module, stages: int, split_points: list[int] | None) -> list[int]:
-    """Explicit split points (block indices where stages 2, 3, ... begin), or balanced by parameter count."""
+def stage_starts(parts: list[Part], stages: int, split_points: list[int] | None) -> list[int]:
+    """Explicit split points (part indices where stages 2, 3, ... begin), or balanced by parameter count."""
     if split_points:
         return [0, *split_points]
-    sizes = [sum(p.numel() for p in block.parameters()) or 1 for block in model.blocks]
-    return balanced_split(sizes, stages)
+    return balanced_split([part.parameters or 1 for part in parts], stages)
 
 
-def describe_stages(model: nn.Module, pipeline_spec) -> list[str]:
-    """One line per stage: its blocks and parameter count, as `raybig validate` shows them."""
-    total = pipeline_spec.total_stages
-    starts = stage_starts(model, total, pipeline_spec.split_points)
-    ends = [*starts[1:], len(model.blocks)]
+def describe_stages(parts: list[Part], pipeline_spec) -> list[str]:
+    """One line per stage: its parts and parameter count, as `raybig validate` shows them."""
+    starts = stage_starts(parts, pipeline_spec.total_stages, pipeline_spec.split_points)
+    ends = [*starts[1:], len(parts)]
     lines = []
     for i, (a, b) in enumerate(zip(starts, ends)):
-        params = sum(p.numel() for block in model.blocks[a:b] for p in block.parameters())
-        kinds = ", ".join(type(block).__name__ for block in model.blocks[a:b])
-        lines.append(f"stage {i} (rank {i % pipeline_spec.stages}): blocks {a}..{b - 1} [{kinds}], {params:,} parameters")
+        params = sum(part.parameters for part in parts[a:b])
+        kinds = ", ".join(part.name for part in parts[a:b])
+        lines.append(f"stage {i} (rank {i % pipeline_spec.stages}): parts {a}..{b - 1} [{kinds}], {params:,} parameters")
     return lines
 
 
 class Stage(nn.Module):
-    """A run of consecutive blocks. Parameter names keep the full model's block indices (blocks.3.weight),
-    so the stages' state dicts merge back into the full model's with no renaming."""
+    """A run of consecutive parts. Its modules sit at their paths in the full model (blocks.3, model.layers.3),
+    so parameter names are the full model's and the stages' state dicts merge back with no renaming."""
 
-    def __init__(self, blocks: dict[int, nn.Module]):
+    def __init__(self, parts: list[Part]):
         super().__init__()
-        self.blocks = nn.ModuleDict({str(i): block for i, block in blocks.items()})
+        self._runs = [part.run for part in parts]
+        for part in parts:
+            for path, module in part.modules.items():
+                _attach(self, path, module)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks.values():
-            x = block(x)
+        for run in self._runs:
+            x = run(x)
         return x
 
 
-def split_model(model: nn.Module, starts: list[int]) -> list[Stage]:
-    ends = [*starts[1:], len(model.blocks)]
-    return [Stage({i: model.blocks[i] for i in range(a, b)}) for a, b in zip(starts, ends)]
+def _attach(root: nn.Module, path: str, module: nn.Module) -> None:
+    *parents, leaf = path.split(".")
+    node = root
+    for name in parents:
+        if name not in node._modules:
+            node.add_module(name, nn.Module())
+        node = node._modules[name]
+    if leaf not in node._modules:
+        node.add_module(leaf, module)
+
+
+def split_model(parts: list[Part], starts: list[int]) -> list[Stage]:
+    ends = [*starts[1:], len(parts)]
+    return [Stage(parts[a:b]) for a, b in zip(starts, ends)]
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -147,7 +161,7 @@ class DataParallel:
 class Pipeline:
     """This rank's stage(s) of the model, each wrapped in DDP over its dp group, driven by a torch schedule."""
 
-    def __init__(self, model: nn.Module, mesh: Mesh, dp_group, pp_group, device: torch.device, loss_fn, autocast,
+    def __init__(self, parts: list[Part], mesh: Mesh, dp_group, pp_group, device: torch.device, loss_fn, autocast,
                  pipeline_spec):
         from torch.distributed import pipelining
 
@@ -156,7 +170,7 @@ class Pipeline:
         self.batch = 0
         virtual = pipeline_spec.virtual_stages if pipeline_spec.schedule == "interleaved_1f1b" else 1
         total = mesh.pp * virtual
-        stages = split_model(model, stage_starts(model, total, pipeline_spec.split_points))
+        stages = split_model(parts, stage_starts(parts, total, pipeline_spec.split_points))
         # interleaved: rank r holds stages r, r + pp, r + 2 pp, ... (torch's convention)
         self.stage_ids = list(range(mesh.pp_index, total, mesh.pp))
         self.local = [stages[i].to(device) for i in self.stage_ids]
@@ -232,7 +246,8 @@ def parallelize(model: nn.Module, spec, env, loss_fn, autocast):
     dp_group, pp_group = process_groups(mesh) if env.distributed else (None, None)
     if mesh.pp == 1:
         return DataParallel(model, mesh, dp_group, env.device, loss_fn, autocast)
-    return Pipeline(model, mesh, dp_group, pp_group, env.device, loss_fn, autocast, spec.parallelism.pipeline)
+    parts = model_parts(model, getattr(spec.model, "blocks", None))
+    return Pipeline(parts, mesh, dp_group, pp_group, env.device, loss_fn, autocast, spec.parallelism.pipeline)
 
 
 def state_dict(layout) -> dict[str, torch.Tensor]:

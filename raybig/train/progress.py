@@ -30,12 +30,18 @@ COLUMNS = [("epoch", "epoch", "{:d}"), ("train_loss", "train loss", "{:.4f}"), (
            ("val_recall", "val recall", "{:.3f}"), ("val_f1", "val f1", "{:.3f}"), ("samples_per_s", "samples/s", "{:,.0f}")]
 
 
+# a language model's accuracy is per token, and perplexity says more than precision and recall over a vocabulary
+LM_COLUMNS = [*COLUMNS[:3], ("val_perplexity", "val ppl", "{:.2f}"), ("val_accuracy", "val acc", "{:.2%}"),
+              COLUMNS[-1]]
+
+
 def epoch_table(history: list[dict], title: str | None = None) -> Table:
     table = Table(title=title, show_edge=False, header_style="bold")
-    for _, header, _ in COLUMNS:
+    columns = LM_COLUMNS if history and "val_perplexity" in history[0] else COLUMNS
+    for _, header, _ in columns:
         table.add_column(header, justify="right", width=10)  # fixed, so rows printed one at a time line up
     for record in history:
-        table.add_row(*[fmt.format(record[name]) for name, _, fmt in COLUMNS])
+        table.add_row(*[fmt.format(record[name]) for name, _, fmt in columns])
     return table
 
 
@@ -108,6 +114,6 @@ def write_curves(root: Path, history: list[dict]) -> None:
             writer.add_scalar("train/step_loss", loss, i)
         for r in history:
             for name in ("train_loss", "val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1", "lr",
-                         "samples_per_s"):
+                         "samples_per_s", *(["val_perplexity"] if "val_perplexity" in r else [])):
                 writer.add_scalar(name.replace("_", "/", 1) if name.startswith("val_") else f"train/{name}",
                                   r[name], r["epoch"])

@@ -39,29 +39,19 @@ def check_plan(spec: JobSpec, meta: DataMeta, cpus: float | None) -> None:
     wanted = getattr(spec.model, "num_classes", None)
     if wanted is not None and wanted != meta.num_classes:
         problems.append(("model.num_classes", f"{wanted}, but the data has {meta.num_classes} classes"))
-    blocks = 0
+    pipe = spec.parallelism.pipeline
     try:
         model = build_model(spec.model, meta)
         if spec.model.kind == "python":
             from raybig.models.user import check_output
 
             check_output(model, spec.model, meta)
-        else:
-            blocks = len(model.blocks)
+        if pipe.stages > 1:
+            problems += _stage_problems(spec, model, meta)
     except SpecError as err:
         problems += err.problems
     except ValueError as err:
         problems.append(("model.kind", f"{spec.model.kind}: {err}"))
-    if spec.model.kind == "python" and spec.parallelism.pipeline.stages > 1:
-        problems.append(("parallelism.pipeline.stages", "a python model trains data-parallel; pipeline stages need "
-                         "its blocks, which raybig does not find in a user's module yet"))
-    pipe = spec.parallelism.pipeline
-    if blocks and pipe.total_stages > blocks:
-        problems.append(("parallelism.pipeline.stages", f"{pipe.total_stages} stages but the {spec.model.kind} "
-                         f"model has {blocks} blocks"))
-    if blocks and pipe.split_points and pipe.split_points[-1] >= blocks:
-        problems.append(("parallelism.pipeline.split_points", f"block {pipe.split_points[-1]} does not exist: "
-                         f"the {spec.model.kind} model has blocks 0..{blocks - 1}"))
     if pipe.stages > 1 and pipe.microbatches < pipe.total_stages:
         warnings.warn(f"parallelism.pipeline.microbatches: {pipe.microbatches} microbatches for "
                       f"{pipe.total_stages} stages: the pipeline bubble will dominate the step time", stacklevel=2)
@@ -69,6 +59,26 @@ def check_plan(spec: JobSpec, meta: DataMeta, cpus: float | None) -> None:
         problems += resource_shortfalls(spec, {"CPU": cpus})
     if problems:
         raise SpecError(problems)
+
+
+def _stage_problems(spec: JobSpec, model, meta: DataMeta) -> list[tuple[str, str]]:
+    """Pipeline stages need the model's parts, checked to reproduce its forward, and enough of them."""
+    from raybig.models.parts import NoParts, check_parts, model_parts, probe_batch
+
+    pipe = spec.parallelism.pipeline
+    try:
+        parts = model_parts(model, getattr(spec.model, "blocks", None))
+        check_parts(model, parts, probe_batch(meta))
+    except NoParts as err:
+        return [("parallelism.pipeline.stages", f"the {spec.model.kind} model cannot be cut into stages: {err}; "
+                 "it trains data-parallel")]
+    if pipe.total_stages > len(parts):
+        return [("parallelism.pipeline.stages", f"{pipe.total_stages} stages but the {spec.model.kind} model has "
+                 f"{len(parts)} parts")]
+    if pipe.split_points and pipe.split_points[-1] >= len(parts):
+        return [("parallelism.pipeline.split_points", f"part {pipe.split_points[-1]} does not exist: the "
+                 f"{spec.model.kind} model has parts 0..{len(parts) - 1}")]
+    return []
 
 
 def rank_resources(spec: JobSpec) -> dict[str, float]:

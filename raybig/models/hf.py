@@ -1,0 +1,158 @@
+"""Hugging Face Transformers models: `model: {kind: hf, task: causal_lm, config: {model_type: llama, ...}}`.
+
+The model is built offline from a config (`AutoConfig.for_model`, `from_config`; the vocabulary size comes
+from the data) or loaded from a local `save_pretrained` directory (`pretrained: DIR`, never the network). It
+keeps transformers' own parameter names, so a run's weights are a `from_pretrained` checkpoint as they are.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from raybig.errors import SpecError
+from raybig.models.parts import NoParts, Part, module_part
+
+EXTRA_HINT = "Hugging Face models need transformers: pip install 'raybig[hf]'"
+DECODER_PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")
+
+
+def transformers():
+    try:
+        import transformers as tf
+    except ImportError:
+        raise SpecError(EXTRA_HINT, "model.kind") from None
+    return tf
+
+
+def hf_config(model_spec, meta):
+    """The transformers config the spec describes, with the data's vocabulary; unknown keys are errors."""
+    tf = transformers()
+    if model_spec.pretrained:
+        if not (Path(model_spec.pretrained) / "config.json").is_file():
+            raise SpecError(f"{model_spec.pretrained} is not a save_pretrained directory (no config.json there)",
+                            "model.pretrained")
+        config = tf.AutoConfig.from_pretrained(model_spec.pretrained, local_files_only=True)
+        if config.vocab_size != meta.num_classes:
+            raise SpecError(f"{model_spec.pretrained} has a vocabulary of {config.vocab_size} tokens but the data "
+                            f"has {meta.num_classes}", "model.pretrained")
+        return config
+    settings = dict(model_spec.config)
+    model_type = settings.pop("model_type")
+    try:
+        config_class = tf.AutoConfig.for_model(model_type).__class__
+    except ValueError:
+        known = ", ".join(sorted(tf.CONFIG_MAPPING.keys())[:12])
+        raise SpecError(f"transformers has no model type {model_type!r} (e.g. {known}, ...)",
+                        "model.config.model_type") from None
+    known_keys = set(config_class().to_dict()) | set(getattr(config_class, "attribute_map", {}))
+    for key in settings:
+        if key not in known_keys:
+            raise SpecError(f"{config_class.__name__} has no setting {key!r}", f"model.config.{key}")
+    vocab = settings.setdefault("vocab_size", meta.num_classes)
+    if vocab != meta.num_classes:
+        raise SpecError(f"{vocab}, but the data's vocabulary has {meta.num_classes} tokens (leave it out to take "
+                        "the data's)", "model.config.vocab_size")
+    try:
+        return config_class(**settings)
+    except Exception as err:  # transformers validates configs with its own exception types
+        message = " ".join(str(err).split())
+        raise SpecError(f"{config_class.__name__}: {message}", "model.config") from None
+
+
+def build_hf_model(model_spec, meta) -> "HFCausalLM":
+    tf = transformers()
+    config = hf_config(model_spec, meta)
+    if model_spec.pretrained:
+        model = tf.AutoModelForCausalLM.from_pretrained(model_spec.pretrained, local_files_only=True,
+                                                        dtype=torch.float32)
+    else:
+        model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return HFCausalLM(model)
+
+
+def model_from_config(config: dict) -> "HFCausalLM":
+    """A model with the architecture of a recorded `config.to_dict()`, its weights still to be loaded."""
+    tf = transformers()
+    return HFCausalLM(tf.AutoModelForCausalLM.from_config(tf.AutoConfig.for_model(**config), dtype=torch.float32))
+
+
+class HFCausalLM(nn.Module):
+    """A transformers causal LM as raybig trains it: token ids in, logits out, the model's own loss.
+
+    The transformers model's children are this module's children, so parameter names (model.layers.0...,
+    lm_head.weight) are transformers' own and a state dict loads with `from_pretrained` unchanged."""
+
+    def __init__(self, hf: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "hf", hf)  # not registered: no "hf." prefix on every name
+        if list(hf.named_parameters(recurse=False)) or list(hf.named_buffers(recurse=False)):
+            raise TypeError(f"{type(hf).__name__} keeps tensors outside its submodules")
+        for name, child in hf.named_children():
+            self.add_module(name, child)
+
+    def train(self, mode: bool = True):
+        self.hf.training = mode
+        return super().train(mode)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.hf(input_ids=input_ids.long(), use_cache=False).logits
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """transformers' own causal-LM loss, given targets already shifted by the data (y[t] = x[t + 1])."""
+        return self.hf.loss_function(logits=logits, labels=None, vocab_size=self.hf.config.vocab_size,
+                                     shift_labels=targets.contiguous())
+
+    def raybig_parts(self) -> list[Part]:
+        """Llama-style decoders (Llama, Mistral, Qwen2/3, ...): the embedding, each decoder layer (with the
+        rotary embedding and causal mask it needs), then the final norm and the head."""
+        base, prefix = self.hf.base_model, self.hf.base_model_prefix
+        missing = [name for name in DECODER_PARTS if not hasattr(base, name)]
+        if missing or not hasattr(self.hf, "lm_head"):
+            raise NoParts(f"{type(self.hf).__name__} is not a Llama-style decoder (embed_tokens, layers, norm, "
+                          "rotary_emb, lm_head): raybig cannot cut it into stages yet")
+        if self.hf.lm_head.weight is base.embed_tokens.weight:
+            raise NoParts("its input embedding and output head share weights (tie_word_embeddings), which stages "
+                          "on different ranks cannot; set model.config.tie_word_embeddings: false")
+        embed = module_part(f"{prefix}.embed_tokens", base.embed_tokens, block=False)
+        embed.run = lambda ids: base.embed_tokens(ids.long())
+        layers = [Part({f"{prefix}.layers.{i}": layer, f"{prefix}.rotary_emb": base.rotary_emb},
+                       partial(_decoder_layer, layer, base.rotary_emb, self.hf.config))
+                  for i, layer in enumerate(base.layers)]
+        head = Part({f"{prefix}.norm": base.norm, "lm_head": self.hf.lm_head},
+                    lambda h: self.hf.lm_head(base.norm(h)), block=False)
+        return [embed, *layers, head]
+
+
+def _decoder_layer(layer: nn.Module, rotary: nn.Module, config, hidden: torch.Tensor) -> torch.Tensor:
+    """One decoder layer run on its own, given what the decoder's forward computes once for all its layers."""
+    from transformers.masking_utils import create_causal_mask
+
+    positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+    mask = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=None, cache=None,
+                              position_ids=positions)
+    return layer(hidden, attention_mask=mask, position_embeddings=rotary(hidden, positions), position_ids=positions)
+
+
+def write_pretrained(directory: Path, model_spec, meta, weights: Path) -> None:
+    """The run's model as a `save_pretrained` directory: config.json and model.safetensors, which
+    `AutoModelForCausalLM.from_pretrained(directory)` loads with no missing or unexpected keys."""
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    hf_config(model_spec, meta).save_pretrained(tmp)
+    _safetensors_for_transformers(weights, tmp / "model.safetensors")
+    (tmp / "raybig_vocab.json").write_text(json.dumps({"vocab": meta.vocab}))
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.rename(directory)
+
+
+def _safetensors_for_transformers(source: Path, target: Path) -> None:
+    """transformers reads the "format" metadata entry to tell PyTorch checkpoints from others."""
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(str(source)), str(target), metadata={"format": "pt"})
