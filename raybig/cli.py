@@ -392,6 +392,8 @@ def submit(
     command: str = typer.Option("run", help="What the job runs with the spec: run, sweep, or serve (the run the "
                                 "spec trained, from the store)."),
     follow: bool = typer.Option(False, help="Stream the job's logs until it ends; exit 1 unless it succeeds."),
+    trust_code: bool = typer.Option(False, "--trust-code", help="With --command serve: serve a model that is your "
+                                    "own code (model.kind python); its factory runs in the serving replicas."),
 ):
     """Run a job spec on a Ray cluster through Ray Job Submission."""
     from raybig.clusterspec import check_store
@@ -408,8 +410,11 @@ def submit(
         check_store(where, "--store")
         if command not in _command_names():  # the job runs this checkout's raybig: it must know the command
             raise SpecError(f"this raybig has no `{command}` command to run on the cluster", "--command")
+        if command == "serve" and spec.model.kind == "python" and not trust_code:
+            raise SpecError(f"{spec.name} is a python model: serving it runs {spec.model.factory} in the cluster's "
+                            "replicas; pass --trust-code if you trust that code", "--trust-code")
         job_id = submit_job(spec_path, spec.name, url, token, where, set_ or [], command,
-                            cluster.pip if cluster else None)
+                            cluster.pip if cluster else None, trust_code)
     except SpecError as error:
         _fail(error)
     out.print(f"[green]submitted[/]: {job_id} to {url} ({command}; model store {join(where, spec.name)})",

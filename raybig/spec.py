@@ -77,14 +77,26 @@ class PythonModelSpec(Strict):
         return self
 
 
+class LoraSpec(Strict):
+    r: int = Field(default=8, ge=1, description="Rank of each adapter's update.")
+    alpha: float = Field(default=16.0, gt=0, description="The update is scaled by alpha / r.")
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] | None = Field(default=None, min_length=1, description="Module names to adapt "
+                                             "(e.g. [q_proj, v_proj]); default: peft's choice for the model type.")
+
+
 class HFModelSpec(Strict):
     kind: Literal["hf"]
-    task: Literal["causal_lm"] = Field(default="causal_lm", description="causal_lm: a decoder trained on "
-                                       "data.source: text (AutoModelForCausalLM).")
+    task: Literal["causal_lm", "sequence_classification"] = Field(
+        default="causal_lm", description="causal_lm: a decoder trained on data.source: text (AutoModelForCausalLM); "
+        "sequence_classification: classes of token-id sequences, e.g. parquet columns of token ids "
+        "(AutoModelForSequenceClassification; config.vocab_size is then required).")
     config: dict[str, Any] = Field(default_factory=dict, description="A transformers config: model_type (llama, "
                                    "mistral, qwen2, gpt2, ...) and its settings; vocab_size comes from the data.")
     pretrained: str | None = Field(default=None, description="A local save_pretrained directory to start from "
                                    "(relative to the spec's file) instead of config; never downloaded.")
+    lora: LoraSpec | None = Field(default=None, description="Train LoRA adapters only (peft); the merged model "
+                                  "is published and served.")
 
     @model_validator(mode="after")
     def _config_or_pretrained(self):
@@ -220,6 +232,10 @@ class TrainSpec(Strict):
         "multiple of the run's first step loss (NaN or infinite losses always stop it); null turns the check off.")
     seed: int = 0
     precision: Literal["fp32", "bf16"] = "fp32"
+    compile: Literal["off", "model", "blocks"] = Field(
+        default="off", description="torch.compile, applied from outside the model: model compiles what each rank "
+        "runs whole (the model, or its pipeline stages); blocks compiles each repeated block on its own, as "
+        "torchtitan does (faster to compile, and the unit FSDP and pipeline stages are made of).")
 
 
 # ----------------------------------------------------------------------------- layout and operations
@@ -414,7 +430,11 @@ class JobSpec(Strict):
         if self.train.batch_size % self.parallelism.data:
             problems.append(("train.batch_size", f"global batch {self.train.batch_size} is not divisible by "
                              f"parallelism.data {self.parallelism.data}"))
-        is_lm = (self.model.kind == "transformer" and self.model.task == "lm") or self.model.kind == "hf"
+        is_lm = (self.model.kind == "transformer" and self.model.task == "lm") or \
+            (self.model.kind == "hf" and self.model.task == "causal_lm")
+        if self.model.kind == "hf" and self.model.lora and self.parallelism.pipeline.stages > 1:
+            problems.append(("parallelism.pipeline.stages", "LoRA fine-tuning trains data-parallel (the merged "
+                             "model is made on one rank); use parallelism.data"))
         if self.model.kind == "hf" and self.train.regularization.dropout:
             problems.append(("train.regularization.dropout", "a Hugging Face model takes its dropout from its "
                              "config (e.g. model.config.attention_dropout)"))
@@ -430,8 +450,8 @@ class JobSpec(Strict):
                              "or use cross_entropy"))
         if is_lm != (self.data.source == "text"):
             problems.append(("data.source" if is_lm else "model.task",
-                             "a char-level language model (transformer, task: lm) trains on data.source: text, "
-                             "and text data needs that model"))
+                             "a char-level language model (transformer with task: lm, or hf with task: causal_lm) "
+                             "trains on data.source: text, and text data needs such a model"))
         if is_lm and self.train.loss == "mse":
             problems.append(("train.loss", "the language model trains with cross_entropy"))
         problems += _pipeline_problems(self)

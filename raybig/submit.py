@@ -231,11 +231,13 @@ def project_root(spec_path: Path) -> Path:
     return spec_path.resolve().parent
 
 
-def entrypoint_args(command: str, spec_rel: str, name: str, store: str, overrides: list[str]) -> list[str]:
+def entrypoint_args(command: str, spec_rel: str, name: str, store: str, overrides: list[str],
+                    trust_code: bool = False) -> list[str]:
     """The job's command as an argument list; spec fields and overrides are single arguments, never shell syntax.
 
     run and sweep read the spec (shipped in the working directory) and write into the cluster's store;
-    serve serves the run `name` from the store (a path the cluster's nodes see, or an object store)."""
+    serve serves the run `name` from the store (a path the cluster's nodes see, or an object store), with
+    --trust-code when the caller gave it (a python model's factory then runs in the serving replicas)."""
     if command not in COMMANDS:
         raise SpecError(f"{command!r} is not one of: {', '.join(COMMANDS)}", "--command")
     if command == "sweep" and is_uri(store):
@@ -245,16 +247,18 @@ def entrypoint_args(command: str, spec_rel: str, name: str, store: str, override
         if any(not item.startswith("name=") for item in overrides):
             raise SpecError("serve takes the run as it was trained: only --set name=... (which run) applies",
                             "--set")
-        return ["python", "-m", "raybig", "serve", join(store, name), "--address", "auto"]
+        return ["python", "-m", "raybig", "serve", join(store, name), "--address", "auto",
+                *(["--trust-code"] if trust_code else [])]
     args = ["python", "-m", "raybig", command, spec_rel, "--address", "auto", "--set", f"output.dir={store}"]
     for item in overrides:
         args += ["--set", item]
     return args
 
 
-def entrypoint(command: str, spec_rel: str, name: str, store: str, overrides: list[str]) -> str:
+def entrypoint(command: str, spec_rel: str, name: str, store: str, overrides: list[str],
+               trust_code: bool = False) -> str:
     """Ray runs the entrypoint through a shell: every piece is quoted."""
-    return shlex.join(entrypoint_args(command, spec_rel, name, store, overrides))
+    return shlex.join(entrypoint_args(command, spec_rel, name, store, overrides, trust_code))
 
 
 def submission_id(name: str) -> str:
@@ -263,10 +267,10 @@ def submission_id(name: str) -> str:
 
 
 def submit(spec_path: str, spec_name: str, address: str, token: str, store: str, overrides: list[str],
-           command: str = "run", pip: list[str] | None = None) -> str:
+           command: str = "run", pip: list[str] | None = None, trust_code: bool = False) -> str:
     root = project_root(Path(spec_path))
     spec_rel = Path(spec_path).resolve().relative_to(root).as_posix()
-    line = entrypoint(command, spec_rel, spec_name, store, overrides)
+    line = entrypoint(command, spec_rel, spec_name, store, overrides, trust_code)
     job_id = submission_id(spec_name)
     runtime_env = {"working_dir": str(root), "excludes": PROJECT_EXCLUDES}
     if pip:

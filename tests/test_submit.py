@@ -303,3 +303,14 @@ def test_submit_refuses_a_command_this_raybig_lacks(tmp_path):
     proc = raybig("submit", "jobs/digits_mlp.yaml", "--address", "http://127.0.0.1:9", "--store", "/m",
                   "--command", "train", env={"RAY_AUTH_TOKEN": "t"})
     assert proc.returncode == 2 and "no `train` command" in proc.stderr
+
+
+def test_serving_a_python_model_on_a_cluster_needs_trust_code():
+    """Without --trust-code the submission is refused before the cluster is contacted (nothing listens on
+    port 9); with it, the job's serve command carries the flag."""
+    from raybig.submit import entrypoint_args
+
+    proc = raybig("submit", "jobs/own_model.yaml", "--address", "http://127.0.0.1:9", "--store", "/m",
+                  "--command", "serve", env={"RAY_AUTH_TOKEN": "t"})
+    assert proc.returncode == 2 and "--trust-code" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert entrypoint_args("serve", "jobs/x.yaml", "x", "/models", [], trust_code=True)[-1] == "--trust-code"

@@ -106,6 +106,21 @@ def test_a_user_model_validates_and_its_code_is_found_beside_the_spec(project):
     assert "python on digits" in result.output
 
 
+def test_model_args_are_sweepable_and_a_value_the_factory_refuses_stops_the_sweep_first(project, tmp_path):
+    from raybig.spec import parse_spec
+    from raybig.sweep.space import trial_spec
+
+    model = {"kind": "python", "factory": "usernet:layered", "code": [str(project)]}
+    raw = yaml.safe_load(write_job(tmp_path, model, sweep={"space": {"model.args.width": {"choice": [16, 32]}}})
+                         .read_text())
+    parse_spec(raw)
+    assert trial_spec(raw, {"model.args.width": 32}, "t", str(tmp_path)).model.args == {"width": 32}
+    job = write_job(tmp_path, model, sweep={"space": {"model.args.colour": {"choice": ["red"]}}})
+    result = CliRunner().invoke(app, ["sweep", str(job)])
+    assert result.exit_code == 2 and "sweep.space.model.args.colour" in result.output, result.output
+    assert "unexpected keyword argument 'colour'" in result.output and not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("model, expected", [
     ({"factory": "nowhere:build"}, "cannot import nowhere"),
     ({"factory": "usernet:missing"}, "usernet has no attribute missing"),

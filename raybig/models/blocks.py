@@ -21,7 +21,11 @@ class BlockModel(nn.Module):
         return x
 
     def raybig_parts(self) -> list[Part]:
-        return [module_part(f"blocks.{i}", block) for i, block in enumerate(self.blocks)]
+        """One part per block; the repeated ones (a transformer's layers, not its embedding or head) are the
+        model's blocks in the protocol's sense."""
+        kinds = [type(block) for block in self.blocks]
+        return [module_part(f"blocks.{i}", block, block=kinds.count(type(block)) > 1)
+                for i, block in enumerate(self.blocks)]
 
 
 class Reshape(nn.Module):

@@ -1,4 +1,5 @@
-"""Hugging Face Transformers models: `model: {kind: hf, task: causal_lm, config: {model_type: llama, ...}}`.
+"""Hugging Face Transformers models: `model: {kind: hf, task: causal_lm | sequence_classification,
+config: {model_type: llama, ...}}`.
 
 The model is built offline from a config (`AutoConfig.for_model`, `from_config`; the vocabulary size comes
 from the data) or loaded from a local `save_pretrained` directory (`pretrained: DIR`, never the network). It
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from raybig.data.chat import DEFAULT_CHAT_TEMPLATE
 from raybig.errors import SpecError
 from raybig.models.parts import NoParts, Part, module_part
 
@@ -30,17 +32,31 @@ def transformers():
 
 
 def hf_config(model_spec, meta):
-    """The transformers config the spec describes, with the data's vocabulary; unknown keys are errors."""
-    tf = transformers()
-    if model_spec.pretrained:
-        if not (Path(model_spec.pretrained) / "config.json").is_file():
-            raise SpecError(f"{model_spec.pretrained} is not a save_pretrained directory (no config.json there)",
-                            "model.pretrained")
-        config = tf.AutoConfig.from_pretrained(model_spec.pretrained, local_files_only=True)
-        if config.vocab_size != meta.num_classes:
-            raise SpecError(f"{model_spec.pretrained} has a vocabulary of {config.vocab_size} tokens but the data "
-                            f"has {meta.num_classes}", "model.pretrained")
+    """The transformers config the spec describes (or its pretrained directory holds), fitted to the data."""
+    return _pretrained_config(model_spec, meta) if model_spec.pretrained else _config_from_spec(model_spec, meta)
+
+
+def _pretrained_config(model_spec, meta):
+    directory = Path(model_spec.pretrained)
+    if not (directory / "config.json").is_file():
+        raise SpecError(f"{directory} is not a save_pretrained directory (no config.json there)", "model.pretrained")
+    config = transformers().AutoConfig.from_pretrained(directory, local_files_only=True)
+    if model_spec.task == "sequence_classification":
+        config.num_labels = meta.num_classes  # a fresh head when the pretrained one has other classes
         return config
+    if config.vocab_size != meta.num_classes:
+        raise SpecError(f"{directory} has a vocabulary of {config.vocab_size} tokens but the data has "
+                        f"{meta.num_classes}", "model.pretrained")
+    vocab_file = directory / "raybig_vocab.json"
+    if vocab_file.is_file() and json.loads(vocab_file.read_text())["vocab"] != meta.vocab:
+        raise SpecError(f"{directory} was trained on other characters than this data's (the characters are the "
+                        "tokens): fine-tune on text with the same character set", "model.pretrained")
+    return config
+
+
+def _config_from_spec(model_spec, meta):
+    """model.config, checked key by key against its config class, with the data's vocabulary or classes."""
+    tf = transformers()
     settings = dict(model_spec.config)
     model_type = settings.pop("model_type")
     try:
@@ -53,10 +69,18 @@ def hf_config(model_spec, meta):
     for key in settings:
         if key not in known_keys:
             raise SpecError(f"{config_class.__name__} has no setting {key!r}", f"model.config.{key}")
-    vocab = settings.setdefault("vocab_size", meta.num_classes)
-    if vocab != meta.num_classes:
-        raise SpecError(f"{vocab}, but the data's vocabulary has {meta.num_classes} tokens (leave it out to take "
-                        "the data's)", "model.config.vocab_size")
+    if model_spec.task == "causal_lm":
+        vocab = settings.setdefault("vocab_size", meta.num_classes)
+        if vocab != meta.num_classes:
+            raise SpecError(f"{vocab}, but the data's vocabulary has {meta.num_classes} tokens (leave it out to take "
+                            "the data's)", "model.config.vocab_size")
+    else:
+        if "vocab_size" not in settings:
+            raise SpecError("sequence_classification reads token ids: set the vocabulary size they come from",
+                            "model.config.vocab_size")
+        labels = settings.setdefault("num_labels", meta.num_classes)
+        if labels != meta.num_classes:
+            raise SpecError(f"{labels}, but the data has {meta.num_classes} classes", "model.config.num_labels")
     try:
         return config_class(**settings)
     except Exception as err:  # transformers validates configs with its own exception types
@@ -64,25 +88,34 @@ def hf_config(model_spec, meta):
         raise SpecError(f"{config_class.__name__}: {message}", "model.config") from None
 
 
-def build_hf_model(model_spec, meta) -> "HFCausalLM":
-    tf = transformers()
+AUTO_CLASSES = {"causal_lm": "AutoModelForCausalLM", "sequence_classification": "AutoModelForSequenceClassification"}
+
+
+def build_hf_model(model_spec, meta) -> "HFModel":
+    auto = getattr(transformers(), AUTO_CLASSES[model_spec.task])
     config = hf_config(model_spec, meta)
     if model_spec.pretrained:
-        model = tf.AutoModelForCausalLM.from_pretrained(model_spec.pretrained, local_files_only=True,
-                                                        dtype=torch.float32)
+        model = auto.from_pretrained(model_spec.pretrained, config=config, local_files_only=True,
+                                     dtype=torch.float32, ignore_mismatched_sizes=model_spec.task != "causal_lm")
     else:
-        model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return HFCausalLM(model)
+        model = auto.from_config(config, dtype=torch.float32)
+    if model_spec.lora is not None:
+        from raybig.models.lora import apply_lora
+
+        heads = HFSequenceClassifier.HEADS if model_spec.task == "sequence_classification" else ()
+        apply_lora(model, model_spec.lora, train_also=heads)
+    return WRAPPERS[model_spec.task](model)
 
 
-def model_from_config(config: dict) -> "HFCausalLM":
+def model_from_config(config: dict, task: str = "causal_lm") -> "HFModel":
     """A model with the architecture of a recorded `config.to_dict()`, its weights still to be loaded."""
     tf = transformers()
-    return HFCausalLM(tf.AutoModelForCausalLM.from_config(tf.AutoConfig.for_model(**config), dtype=torch.float32))
+    auto = getattr(tf, AUTO_CLASSES[task])
+    return WRAPPERS[task](auto.from_config(tf.AutoConfig.for_model(**config), dtype=torch.float32))
 
 
-class HFCausalLM(nn.Module):
-    """A transformers causal LM as raybig trains it: token ids in, logits out, the model's own loss.
+class HFModel(nn.Module):
+    """A transformers model as raybig trains it: token ids in, logits out, the model's own loss.
 
     The transformers model's children are this module's children, so parameter names (model.layers.0...,
     lm_head.weight) are transformers' own and a state dict loads with `from_pretrained` unchanged."""
@@ -99,6 +132,27 @@ class HFCausalLM(nn.Module):
         self.hf.training = mode
         return super().train(mode)
 
+    def _decoder_parts(self, head_name: str, head) -> list[Part]:
+        """Llama-style decoders (Llama, Mistral, Qwen2/3, ...): the embedding, each decoder layer (with the
+        rotary embedding and causal mask it needs), then the final norm with the head."""
+        base, prefix = self.hf.base_model, self.hf.base_model_prefix
+        missing = [name for name in DECODER_PARTS if not hasattr(base, name)]
+        if missing or not hasattr(self.hf, head_name):
+            raise NoParts(f"{type(self.hf).__name__} is not a Llama-style decoder (embed_tokens, layers, norm, "
+                          f"rotary_emb, {head_name}): raybig cannot cut it into stages yet")
+        if getattr(self.hf, head_name).weight is base.embed_tokens.weight:
+            raise NoParts("its input embedding and output head share weights (tie_word_embeddings), which stages "
+                          "on different ranks cannot; set model.config.tie_word_embeddings: false")
+        embed = module_part(f"{prefix}.embed_tokens", base.embed_tokens, block=False)
+        embed.run = lambda ids: base.embed_tokens(ids.long())
+        layers = [Part({f"{prefix}.layers.{i}": layer, f"{prefix}.rotary_emb": base.rotary_emb},
+                       partial(_decoder_layer, layer, base.rotary_emb, self.hf.config))
+                  for i, layer in enumerate(base.layers)]
+        return [embed, *layers, Part({f"{prefix}.norm": base.norm, head_name: getattr(self.hf, head_name)},
+                                     lambda h: head(base.norm(h)), block=False)]
+
+
+class HFCausalLM(HFModel):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.hf(input_ids=input_ids.long(), use_cache=False).logits
 
@@ -108,24 +162,29 @@ class HFCausalLM(nn.Module):
                                      shift_labels=targets.contiguous())
 
     def raybig_parts(self) -> list[Part]:
-        """Llama-style decoders (Llama, Mistral, Qwen2/3, ...): the embedding, each decoder layer (with the
-        rotary embedding and causal mask it needs), then the final norm and the head."""
-        base, prefix = self.hf.base_model, self.hf.base_model_prefix
-        missing = [name for name in DECODER_PARTS if not hasattr(base, name)]
-        if missing or not hasattr(self.hf, "lm_head"):
-            raise NoParts(f"{type(self.hf).__name__} is not a Llama-style decoder (embed_tokens, layers, norm, "
-                          "rotary_emb, lm_head): raybig cannot cut it into stages yet")
-        if self.hf.lm_head.weight is base.embed_tokens.weight:
-            raise NoParts("its input embedding and output head share weights (tie_word_embeddings), which stages "
-                          "on different ranks cannot; set model.config.tie_word_embeddings: false")
-        embed = module_part(f"{prefix}.embed_tokens", base.embed_tokens, block=False)
-        embed.run = lambda ids: base.embed_tokens(ids.long())
-        layers = [Part({f"{prefix}.layers.{i}": layer, f"{prefix}.rotary_emb": base.rotary_emb},
-                       partial(_decoder_layer, layer, base.rotary_emb, self.hf.config))
-                  for i, layer in enumerate(base.layers)]
-        head = Part({f"{prefix}.norm": base.norm, "lm_head": self.hf.lm_head},
-                    lambda h: self.hf.lm_head(base.norm(h)), block=False)
-        return [embed, *layers, head]
+        return self._decoder_parts("lm_head", self.hf.lm_head)
+
+
+class HFSequenceClassifier(HFModel):
+    """A sequence of token ids to class logits, read at the last position as transformers does for an
+    unpadded sequence (raybig's token data are fixed-length windows, without padding)."""
+    HEADS = ("score.", "classifier.")  # a fresh head trains beside LoRA adapters
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.hf.base_model(input_ids=input_ids.long(), use_cache=False).last_hidden_state
+        return self._head(hidden)
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.hf.score(hidden[:, -1])
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.hf.loss_function(labels=targets, pooled_logits=logits, config=self.hf.config)
+
+    def raybig_parts(self) -> list[Part]:
+        return self._decoder_parts("score", self._head)
+
+
+WRAPPERS = {"causal_lm": HFCausalLM, "sequence_classification": HFSequenceClassifier}
 
 
 def _decoder_layer(layer: nn.Module, rotary: nn.Module, config, hidden: torch.Tensor) -> torch.Tensor:
@@ -140,13 +199,16 @@ def _decoder_layer(layer: nn.Module, rotary: nn.Module, config, hidden: torch.Te
 
 def write_pretrained(directory: Path, model_spec, meta, weights: Path) -> None:
     """The run's model as a `save_pretrained` directory: config.json and model.safetensors, which
-    `AutoModelForCausalLM.from_pretrained(directory)` loads with no missing or unexpected keys."""
+    `AutoModelForCausalLM.from_pretrained(directory)` loads with no missing or unexpected keys, the
+    characters that are its tokens, and its chat template."""
     tmp = directory.with_name(f".{directory.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     hf_config(model_spec, meta).save_pretrained(tmp)
     _safetensors_for_transformers(weights, tmp / "model.safetensors")
-    (tmp / "raybig_vocab.json").write_text(json.dumps({"vocab": meta.vocab}))
+    if meta.task == "lm":
+        (tmp / "raybig_vocab.json").write_text(json.dumps({"vocab": meta.vocab}))
+        (tmp / "chat_template.jinja").write_text(DEFAULT_CHAT_TEMPLATE)
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)
 

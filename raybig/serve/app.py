@@ -28,8 +28,11 @@ from fastapi import FastAPI, Header, HTTPException, Query, Request, Response
 from pydantic import ValidationError
 from ray import serve
 
+from raybig.data.chat import DEFAULT_CHAT_TEMPLATE, render_chat
 from raybig.errors import SpecError
+from raybig.serve import openai_compat
 from raybig.serve.inputs import as_batch, parse_predict_body
+from raybig.serve.openai_compat import ChatRequest, CompletionRequest
 from raybig.serve.replica import ServedModel
 from raybig.serve.schemas import GenerateRequest, GenerateResponse, ModelCard, PredictRequest, PredictResponse
 from raybig.spec import ServeSpec
@@ -166,12 +169,46 @@ class ModelServer:
         data = entry["info"]["data"]
         if data["task"] != "lm":
             raise HTTPException(422, f"{name} is a classifier: POST /v1/models/{name}/predict")
-        unknown = sorted(set(body.prompt) - set(data["vocab"]))
-        if unknown:
-            raise HTTPException(422, f"prompt has characters the model never saw: {''.join(unknown)!r}")
+        try:
+            model.encode(body.prompt)
+        except ValueError as err:
+            raise HTTPException(422, f"prompt has {err}") from None
         # token by token generation takes a while: off the event loop, so batched predictions keep flowing
         text = await asyncio.to_thread(model.generate, body.prompt, body.max_new_tokens, body.temperature, body.seed)
         return GenerateResponse(model=name, version=entry["version"], text=text)
+
+    @api.post("/v1/completions", openapi_extra=_body(CompletionRequest))
+    async def completions(self, request: Request) -> Response:
+        """OpenAI's completions API (docs/serving.md): `model` is a served name, or name:version."""
+        return await self._openai(request, chat=False)
+
+    @api.post("/v1/chat/completions", openapi_extra=_body(ChatRequest))
+    async def chat_completions(self, request: Request) -> Response:
+        """OpenAI's chat completions API; messages go through the chat template recorded with the run."""
+        return await self._openai(request, chat=True)
+
+    async def _openai(self, request: Request, chat: bool) -> Response:
+        try:
+            body = openai_compat.parse(ChatRequest if chat else CompletionRequest, await self._read(request))
+            name, _, version = body.model.partition(":")
+            entry, model = self._entry(name, version or None)
+            if entry["info"]["data"]["task"] != "lm":
+                raise openai_compat.BadRequest(f"{name} is a classifier: POST /v1/models/{name}/predict", "model")
+            template = entry["info"].get("chat_template", DEFAULT_CHAT_TEMPLATE)
+            prompt = render_chat(template, [m.model_dump() for m in body.messages]) if chat else body.prompt
+            try:
+                ids = model.encode(prompt)
+            except ValueError as err:
+                raise openai_compat.BadRequest(f"the {'messages have' if chat else 'prompt has'} {err}",
+                                               "messages" if chat else "prompt") from None
+        except HTTPException as err:
+            return openai_compat.from_http_error(err)
+        except openai_compat.BadRequest as err:
+            return openai_compat.error(400, str(err), err.param)
+        pieces, counted = model.continuation(ids, body.sampling(default_tokens=16))
+        completion = openai_compat.Completion(chat, body.model, len(ids))
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        return await openai_compat.answer(completion, pieces, counted, body.stream, include_usage)
 
 
 def build_app(entries: list[ModelEntry]):

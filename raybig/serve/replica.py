@@ -1,9 +1,13 @@
 """One model version in memory, answering batched requests inside the ingress replica's process."""
 from __future__ import annotations
 
+from typing import Callable, Iterator
+
 import numpy as np
 import torch
 from ray import serve
+
+from raybig.serve.generation import Sampling, text_stream, token_stream
 
 from raybig.store_io import local_model
 from raybig.train.checkpoint import load_trained_model
@@ -35,18 +39,32 @@ class ServedModel:
         bounds = np.cumsum([len(a) for a in inputs])[:-1]
         return np.split(probs, bounds)
 
+    @property
+    def vocab(self) -> str:
+        return self.info["data"]["vocab"]
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; ValueError naming the characters the model never saw."""
+        lookup = {c: i for i, c in enumerate(self.vocab)}
+        unknown = sorted(set(text) - lookup.keys())
+        if unknown:
+            raise ValueError(f"characters the model never saw: {''.join(unknown)!r}")
+        return [lookup[c] for c in text]
+
+    def continuation(self, prompt: list[int], sampling: Sampling) -> tuple[Iterator[tuple[str, str | None]], Callable]:
+        """(text, finish_reason) pieces of the continuation of `prompt`, and how many tokens it has generated."""
+        generated = [0]
+
+        def pieces():
+            for token in token_stream(self.model, prompt, sampling, window=self.info["data"]["shape"][0]):
+                generated[0] += 1
+                yield self.vocab[token]
+
+        return text_stream(pieces(), sampling.stop), lambda: generated[0]
+
     def generate(self, prompt: str, max_new_tokens: int, temperature: float, seed: int | None) -> str:
-        vocab = self.info["data"]["vocab"]
-        length = self.info["data"]["shape"][0]
-        lookup = {c: i for i, c in enumerate(vocab)}
-        tokens = torch.tensor([[lookup[c] for c in prompt]])
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        with torch.no_grad():
-            for _ in range(max_new_tokens):
-                logits = self.model(tokens[:, -length:])[0, -1].float() / temperature
-                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
-                tokens = torch.cat([tokens, nxt.view(1, 1)], dim=1)
-        return "".join(vocab[i] for i in tokens[0, len(prompt):].tolist())
+        pieces, _ = self.continuation(self.encode(prompt), Sampling(max_new_tokens, temperature, seed=seed))
+        return "".join(text for text, _ in pieces)
 
     def batching(self) -> dict:
         return {"batches": self.batches, "requests": self.requests, "largest_batch": self.largest_batch,

@@ -84,8 +84,10 @@ class RunStore:
         save_file(_contiguous(model_state), str(pending / f"part-{part}.safetensors"))
         torch.save(trainer_state, pending / f"part-{part}-trainer.pt")
 
-    def finish_checkpoint(self, pending: Path, meta: dict, info: dict, keep: int | None) -> Path:
-        """Merge the parts into one full model, rename the checkpoint into place, publish the model, and keep
+    def finish_checkpoint(self, pending: Path, meta: dict, info: dict, keep: int | None,
+                          publish: dict | None = None) -> Path:
+        """Merge the parts into one full model, rename the checkpoint into place, publish the model (or
+        `publish`, when what is served is not what is checkpointed: a LoRA run's merged weights), and keep
         the newest `keep` checkpoints (all of them when None: a sweep trial prunes once Tune has a copy)."""
         model_state = {}
         for part in sorted(pending.glob("part-*.safetensors")):
@@ -99,7 +101,7 @@ class RunStore:
         os.rename(pending, final)
         if keep is not None:
             self.prune(keep)
-        self.publish_model(model_state, info)
+        self.publish_model(model_state if publish is None else publish, info)
         return final
 
     def prune(self, keep: int, through_epoch: int | None = None) -> None:
@@ -195,7 +197,7 @@ def load_trained_model(run_dir: str | Path, trust_code: bool = False):
     if model_spec.kind == "hf":  # from the config recorded with the run: a pretrained directory may be elsewhere
         from raybig.models.hf import model_from_config
 
-        model = model_from_config(info["hf_config"])
+        model = model_from_config(info["hf_config"], model_spec.task)
     else:
         model = build_model(model_spec, DataMeta(**info["data"]))
     model.load_state_dict(store.load_model_state())

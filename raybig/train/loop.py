@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from raybig.data.chat import DEFAULT_CHAT_TEMPLATE
 from raybig.models import build_model
 from raybig.train.checkpoint import RunStore
 from raybig.train.metrics import confusion, from_confusion
@@ -113,9 +114,12 @@ def fit(spec, meta, env: WorkerEnv, store: RunStore) -> list[dict]:
         for module in layout.local:
             module.train()
         torch.manual_seed(t.seed * 7919 + epoch * 131 + env.rank)  # dropout masks: reproducible, distinct per rank
-        step_losses = torch.zeros(steps_per_epoch, dtype=torch.float64)
+        # on the device: writing a step's loss into it needs no host sync; it is read once, after the epoch
+        step_losses = torch.zeros(steps_per_epoch, dtype=torch.float64, device=env.device)
         started = time.perf_counter()
         for i, (x, y) in enumerate(env.train.train_batches(epoch)):
+            if env.device.type == "cuda":  # a copy from pinned memory overlaps the step before it
+                x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             loss = layout.train_step(x, y)
@@ -130,9 +134,11 @@ def fit(spec, meta, env: WorkerEnv, store: RunStore) -> list[dict]:
             if env.progress and (i % 10 == 0 or i == steps_per_epoch - 1):
                 env.progress({"type": "step", "epoch": epoch, "step": i + 1, "steps": steps_per_epoch,
                               "loss": float(loss) if loss is not None else float("nan")})
+        if env.device.type == "cuda":  # kernels run ahead of the host: time the work, not its launch
+            torch.cuda.synchronize(env.device)
         train_seconds = time.perf_counter() - started
         # only the ranks holding the model's output have a loss: one per data-parallel replica
-        step_losses = _sum_across_ranks(step_losses, env) / dp
+        step_losses = (_sum_across_ranks(step_losses, env) / dp).cpu()
         record = {
             "epoch": epoch,
             "step": step,
@@ -204,14 +210,21 @@ def _save(spec, meta, store: RunStore, layout, optimizer, scheduler, record, his
             info = {"name": spec.name, "kind": spec.model.kind, "epoch": epoch, "data": meta.to_dict(),
                     "model": spec.model.model_dump(mode="json"),
                     "metrics": {k: v for k, v in record.items() if k != "step_losses"}}
+            if meta.task == "lm":
+                info["chat_template"] = DEFAULT_CHAT_TEMPLATE
             if spec.model.kind == "hf":
                 from raybig.models.hf import hf_config
 
                 info["hf_config"] = hf_config(spec.model, meta).to_dict()
+            publish = None
+            if getattr(spec.model, "lora", None):  # checkpoints hold the adapters; the merged model is served
+                from raybig.models.lora import merged_state
+
+                publish = merged_state(layout.local[0])
             store.finish_checkpoint(pending, {"epoch": epoch, "step": record["step"], "history": history,
                                               "layout": _layout_key(spec), "optimizer": spec.train.optimizer.name,
                                               "run": spec.name}, info,
-                                    keep=spec.checkpoint.keep if env.prune_checkpoints else None)
+                                    keep=spec.checkpoint.keep if env.prune_checkpoints else None, publish=publish)
             if last and spec.model.kind == "hf":
                 from raybig.models.hf import write_pretrained
 

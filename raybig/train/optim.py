@@ -8,27 +8,38 @@ from torch import nn
 
 
 def build_optimizer(params, opt) -> torch.optim.Optimizer:
-    """`opt` is one of the spec's optimizer sections; `momentum` is SGD with a momentum term."""
+    """`opt` is one of the spec's optimizer sections; `momentum` is SGD with a momentum term. On a GPU, SGD,
+    Adam and AdamW take torch's fused kernels (one launch for every parameter); otherwise every optimizer
+    takes its foreach form (one call per step for all parameters, not a Python loop over them), which torch
+    picks by itself only on a GPU."""
+    params = list(params)
+    on_gpu = bool(params) and all(p.is_cuda for p in params)
+    fused = {"fused": True} if on_gpu else {"foreach": True}
+    each = {"foreach": True}
     if opt.name == "sgd":
-        return torch.optim.SGD(params, lr=opt.lr, weight_decay=opt.weight_decay)
+        return torch.optim.SGD(params, lr=opt.lr, weight_decay=opt.weight_decay, **fused)
     if opt.name == "momentum":
         return torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov,
-                               weight_decay=opt.weight_decay)
+                               weight_decay=opt.weight_decay, **fused)
     if opt.name == "adagrad":
-        return torch.optim.Adagrad(params, lr=opt.lr, lr_decay=opt.lr_decay, eps=opt.eps, weight_decay=opt.weight_decay)
+        return torch.optim.Adagrad(params, lr=opt.lr, lr_decay=opt.lr_decay, eps=opt.eps, weight_decay=opt.weight_decay,
+                                   **each)
     if opt.name == "rmsprop":
         return torch.optim.RMSprop(params, lr=opt.lr, alpha=opt.alpha, eps=opt.eps, momentum=opt.momentum,
-                                   weight_decay=opt.weight_decay)
+                                   weight_decay=opt.weight_decay, **each)
     if opt.name == "adam":
-        return torch.optim.Adam(params, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay)
+        return torch.optim.Adam(params, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay,
+                                **fused)
     if opt.name == "adamw":
-        return torch.optim.AdamW(params, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay)
+        return torch.optim.AdamW(params, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay,
+                                 **fused)
     raise ValueError(f"unknown optimizer {opt.name!r}")
 
 
 def penalized_weights(model: nn.Module) -> list[torch.Tensor]:
-    """Weight matrices and kernels only: biases, norms and position tables are not shrunk."""
-    return [p for name, p in model.named_parameters() if p.dim() > 1 and not name.endswith("pos")]
+    """Trained weight matrices and kernels only: biases, norms, position tables and frozen weights (under
+    LoRA adapters) are not shrunk."""
+    return [p for name, p in model.named_parameters() if p.requires_grad and p.dim() > 1 and not name.endswith("pos")]
 
 
 @torch.no_grad()
@@ -75,6 +86,7 @@ def apply_spec_hyperparameters(optimizer: torch.optim.Optimizer, scheduler, opt)
     spec_values = build_optimizer([torch.zeros(1, requires_grad=True)], opt).defaults
     scheduler.base_lrs = [opt.lr] * len(optimizer.param_groups)
     for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
-        group.update({k: v for k, v in spec_values.items() if k in group})
+        # how the step runs (fused, foreach) is this optimizer's, not the CPU probe's above
+        group.update({k: v for k, v in spec_values.items() if k in group and k not in ("fused", "foreach")})
         group["initial_lr"] = opt.lr
         group["lr"] = opt.lr * factor(scheduler.last_epoch)

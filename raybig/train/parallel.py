@@ -244,28 +244,51 @@ def average_gradients(params: list[nn.Parameter], group) -> None:
 def parallelize(model: nn.Module, spec, env, loss_fn, autocast):
     mesh = Mesh(spec.parallelism.data, spec.parallelism.pipeline.stages, env.rank)
     dp_group, pp_group = process_groups(mesh) if env.distributed else (None, None)
+    blocks_name = getattr(spec.model, "blocks", None)
+    if spec.train.compile == "blocks":
+        compile_blocks(model_parts(model, blocks_name))
     if mesh.pp == 1:
-        return DataParallel(model, mesh, dp_group, env.device, loss_fn, autocast)
-    parts = model_parts(model, getattr(spec.model, "blocks", None))
-    return Pipeline(parts, mesh, dp_group, pp_group, env.device, loss_fn, autocast, spec.parallelism.pipeline)
+        layout = DataParallel(model, mesh, dp_group, env.device, loss_fn, autocast)
+    else:
+        layout = Pipeline(model_parts(model, blocks_name), mesh, dp_group, pp_group, env.device, loss_fn, autocast,
+                          spec.parallelism.pipeline)
+    if spec.train.compile == "model":
+        for module in layout.local:
+            module.compile()  # in place: parameter names, DDP's hold on the module and checkpoints are unchanged
+    return layout
+
+
+def compile_blocks(parts: list[Part]) -> None:
+    """Each repeated block compiled on its own (its first module: a decoder layer, not the rotary embedding it
+    shares), in place; embeddings and heads stay eager."""
+    for part in parts:
+        if part.block:
+            next(iter(part.modules.values())).compile()
 
 
 def state_dict(layout) -> dict[str, torch.Tensor]:
-    """This rank's parameters under the full model's names."""
+    """This rank's checkpointed tensors under the full model's names: everything but frozen weights (the
+    base model under LoRA adapters), which the model's builder makes again from its seed or directory."""
     out = {}
     for module in layout.local:
-        out.update(module.state_dict())
+        state = module.state_dict()
+        out.update({k: state[k] for k in checkpointed_keys(module)})
     return out
+
+
+def checkpointed_keys(module: nn.Module) -> list[str]:
+    frozen = {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return [k for k in module.state_dict() if k not in frozen]
 
 
 def load_state(layout, full_state: dict[str, torch.Tensor]) -> None:
     for module in layout.local:
-        keys = module.state_dict().keys()
-        module.load_state_dict({k: full_state[k] for k in keys})
+        module.load_state_dict({k: full_state[k] for k in checkpointed_keys(module)}, strict=False)
 
 
 def parameters(layout) -> list[nn.Parameter]:
-    return [p for module in layout.local for p in module.parameters()]
+    """The parameters this rank trains."""
+    return [p for module in layout.local for p in module.parameters() if p.requires_grad]
 
 
 def clip_grad_norm(layout, max_norm: float) -> None:
@@ -274,7 +297,7 @@ def clip_grad_norm(layout, max_norm: float) -> None:
     squared = torch.stack([p.grad.detach().float().pow(2).sum() for p in params]).sum() if params else torch.zeros(())
     if layout.pp_group is not None:
         dist.all_reduce(squared, group=layout.pp_group)
-    scale = max_norm / (squared.sqrt() + 1e-6)
-    if scale < 1:
-        for p in params:
-            p.grad.mul_(scale)
+    # clamped, not compared with 1 in Python: the comparison would wait for the device every step
+    scale = (max_norm / (squared.sqrt() + 1e-6)).clamp(max=1.0)
+    for p in params:
+        p.grad.mul_(scale.to(p.grad.dtype))

@@ -1,0 +1,16 @@
+"""How a conversation becomes the text a language model continues: a chat template (Jinja, as Hugging Face
+tokenizers keep them). Each language-model run records its template (model.json, and hf/chat_template.jinja
+beside the weights), and serving renders chats with the run's own, so training and serving never disagree.
+"""
+from __future__ import annotations
+
+DEFAULT_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """The text of `messages` under `template`, rendered in a sandbox: a template is data, not code."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt)
