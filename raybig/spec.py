@@ -254,6 +254,10 @@ class PipelineSpec(Strict):
 
 class ParallelismSpec(Strict):
     data: int = Field(default=1, ge=1, description="Data-parallel degree: one worker (a Ray actor) per rank.")
+    data_mode: Literal["ddp", "fsdp"] = Field(
+        default="ddp", description="ddp: every rank holds the whole model (DistributedDataParallel); fsdp: "
+        "parameters, gradients and optimizer state are sharded over the data ranks (FSDP2 fully_shard, per "
+        "block), for models that do not fit one device.")
     pipeline: PipelineSpec = Field(default_factory=PipelineSpec)
 
     @property
@@ -432,6 +436,9 @@ class JobSpec(Strict):
                              f"parallelism.data {self.parallelism.data}"))
         is_lm = (self.model.kind == "transformer" and self.model.task == "lm") or \
             (self.model.kind == "hf" and self.model.task == "causal_lm")
+        if self.model.kind == "hf" and self.model.lora and self.parallelism.data_mode == "fsdp":
+            problems.append(("parallelism.data_mode", "LoRA trains under ddp (the merged model is made from whole "
+                             "weights on one rank)"))
         if self.model.kind == "hf" and self.model.lora and self.parallelism.pipeline.stages > 1:
             problems.append(("parallelism.pipeline.stages", "LoRA fine-tuning trains data-parallel (the merged "
                              "model is made on one rank); use parallelism.data"))
@@ -455,6 +462,9 @@ class JobSpec(Strict):
         if is_lm and self.train.loss == "mse":
             problems.append(("train.loss", "the language model trains with cross_entropy"))
         problems += _pipeline_problems(self)
+        if self.parallelism.data_mode == "fsdp" and self.parallelism.pipeline.stages > 1:
+            problems.append(("parallelism.data_mode", "fsdp with pipeline stages is not supported yet; use ddp "
+                             "with stages, or fsdp without them"))
         if self.sweep is not None and not problems:
             from raybig.sweep.space import space_problems  # probes the space by parsing specs: needs this class
 

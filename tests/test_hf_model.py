@@ -75,10 +75,13 @@ def test_one_process_reproduces_a_plain_transformers_loop(single):
     np.testing.assert_allclose(losses, plain_transformers_losses(job(single, "one"), len(losses)), rtol=1e-4)
 
 
-@pytest.mark.parametrize("data, pipeline", [(2, None), (1, {"stages": 2, "microbatches": 2, "schedule": "1f1b"})],
-                         ids=["data2", "pipeline2"])
-def test_data_and_pipeline_layouts_reproduce_one_process(tmp_path, single, data, pipeline):
-    run_local(job(tmp_path, "p", data=data, pipeline=pipeline), tmp_path / "p")
+@pytest.mark.parametrize("data, pipeline, mode", [(2, None, "ddp"), (2, None, "fsdp"),
+                                                 (1, {"stages": 2, "microbatches": 2, "schedule": "1f1b"}, "ddp")],
+                         ids=["data2", "fsdp data2", "pipeline2"])
+def test_data_and_pipeline_layouts_reproduce_one_process(tmp_path, single, data, pipeline, mode):
+    raw = job(tmp_path, "p", data=data, pipeline=pipeline)
+    raw["parallelism"]["data_mode"] = mode  # fsdp: each decoder layer is its own shard unit
+    run_local(raw, tmp_path / "p")
     np.testing.assert_allclose(step_losses(tmp_path / "p"), step_losses(single), rtol=1e-4)
     from safetensors.torch import load_file
 

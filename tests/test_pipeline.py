@@ -64,6 +64,28 @@ def test_layout_matches_one_process(tmp_path, single, layout):
         torch.testing.assert_close(weights[key], ref_weights[key], rtol=1e-3, atol=1e-5)
 
 
+def test_fsdp_data2_matches_one_process_and_resumes_under_ddp(tmp_path, single):
+    """parallelism.data_mode: fsdp shards each block over the data ranks (FSDP2); with gradient clipping and
+    an L2 penalty on the shards it trains the same steps, and its layout-free checkpoint resumes under DDP."""
+    raw = job(tmp_path, "f", data=2)
+    raw["parallelism"]["data_mode"] = "fsdp"
+    run_local(raw, tmp_path / "f")
+    losses, weights = losses_and_weights(tmp_path / "f")
+    ref_losses, ref_weights = single
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
+    assert weights.keys() == ref_weights.keys()  # gathered whole, under the model's own names
+    for key in ref_weights:
+        torch.testing.assert_close(weights[key], ref_weights[key], rtol=1e-3, atol=1e-5)
+    total = sum(w.numel() for w in ref_weights.values())
+    held = RunStore(tmp_path / "f").history()[0]["parameters_per_rank"]
+    assert len(held) == 2 and sum(held) == total and max(held) < 0.6 * total  # each rank holds its half
+    resumed = job(tmp_path, "f", data=1, epochs=2)
+    run_local(resumed, tmp_path / "f")
+    history = RunStore(tmp_path / "f").history()
+    assert [r["epoch"] for r in history] == [1, 2] and len({r["attempt"] for r in history}) == 2
+    assert history[1]["train_loss"] < history[0]["train_loss"]
+
+
 def test_pipeline_run_resumes_from_its_checkpoint(tmp_path, single):
     pipeline = {"stages": 2, "microbatches": 4, "schedule": "1f1b"}
     run_local(job(tmp_path, "r", pipeline=pipeline, epochs=1), tmp_path / "r")

@@ -80,9 +80,10 @@ class RunStore:
 
     @staticmethod
     def write_part(pending: Path, part: int, model_state: dict, trainer_state: dict) -> None:
-        """One pipeline rank's weights (under the full model's names) and its optimizer state."""
+        """One pipeline rank's weights (under the full model's names) and its optimizer state (None: not kept)."""
         save_file(_contiguous(model_state), str(pending / f"part-{part}.safetensors"))
-        torch.save(trainer_state, pending / f"part-{part}-trainer.pt")
+        if trainer_state is not None:
+            torch.save(trainer_state, pending / f"part-{part}-trainer.pt")
 
     def finish_checkpoint(self, pending: Path, meta: dict, info: dict, keep: int | None,
                           publish: dict | None = None) -> Path:

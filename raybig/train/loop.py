@@ -19,7 +19,7 @@ from raybig.train.checkpoint import RunStore
 from raybig.train.metrics import confusion, from_confusion
 from raybig.train.optim import (add_penalty_gradients, apply_spec_hyperparameters, build_optimizer, build_scheduler,
                                 penalized_weights)
-from raybig.train.parallel import clip_grad_norm, load_state, parallelize, parameters, state_dict
+from raybig.train.parallel import clip_grad_norm, load_state, local_numel, parallelize, parameters, state_dict
 
 
 @dataclass
@@ -62,10 +62,10 @@ def evaluate(spec, layout, env: WorkerEnv, classes: int, criterion) -> dict[str,
         module.eval()
     cm = torch.zeros(classes, classes, dtype=torch.long)
     loss_sum, count = torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
-    for x, y in env.val.eval_batches():
+    for x, y in _in_step(env.val.eval_batches(), layout, env):
         x, y = x.to(env.device), y.to(env.device)
         out = layout.forward(x, y)
-        if out is None:
+        if out is None or len(y) == 0:
             continue
         n = y.numel()
         loss_sum += float(criterion(out, y)) * n
@@ -74,6 +74,21 @@ def evaluate(spec, layout, env: WorkerEnv, classes: int, criterion) -> dict[str,
     totals = _sum_across_ranks(torch.cat([loss_sum, count, cm.reshape(-1).double()]), env)
     metrics = from_confusion(totals[2:].reshape(classes, classes))
     return {"val_loss": float(totals[0] / totals[1].clamp(min=1)), **{f"val_{k}": v for k, v in metrics.items()}}
+
+
+def _in_step(batches, layout, env: WorkerEnv):
+    """A sharded model's forward is a collective: every rank must run as many as the others, so a rank whose
+    share of the validation rows makes fewer batches runs empty ones."""
+    if not getattr(layout, "collective_forward", False) or not env.distributed:
+        yield from batches
+        return
+    batches = list(batches)
+    most = torch.tensor([len(batches)], device=env.device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    yield from batches
+    x, y = (batches[0] if batches else (torch.zeros(0), torch.zeros(0, dtype=torch.long)))
+    for _ in range(int(most) - len(batches)):
+        yield x[:0], y[:0]
 
 
 def _autocast(spec, device: torch.device):
@@ -153,7 +168,9 @@ def fit(spec, meta, env: WorkerEnv, store: RunStore) -> list[dict]:
         if meta.task == "lm":  # the language model's usual figure: exp of the mean token loss
             record["val_perplexity"] = math.exp(min(record["val_loss"], 700.0))
         _stop_if_diverged(record, history, t.divergence_factor)
-        record["peak_rss_mb"] = _peak_rss_per_rank(env)
+        # what each rank really needs: its peak memory (MB), and the parameters it holds (a stage, a shard)
+        record["peak_rss_mb"] = _per_rank(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, env)
+        record["parameters_per_rank"] = _per_rank(sum(local_numel(p) for p in params), env)
         record["epoch_seconds"] = time.perf_counter() - started
         history.append(record)
         _save(spec, meta, store, layout, optimizer, scheduler, record, history, env)
@@ -173,11 +190,13 @@ def _stop_if_diverged(record: dict, history: list[dict], factor: float | None) -
                                  f"train.divergence_factor {factor:g} x its first step's {first:.3g}: {hint}")
 
 
-def _peak_rss_per_rank(env: WorkerEnv) -> list[float]:
-    """Each rank's peak resident memory so far (MB): how much a stage or replica really needs."""
-    mine = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0], dtype=torch.float64)
+def _per_rank(value: float, env: WorkerEnv) -> list[float]:
+    """`value` from every rank, in rank order."""
+    mine = torch.tensor([value], dtype=torch.float64)
     if not env.distributed:
         return mine.tolist()
+    if dist.get_backend() == "nccl":
+        mine = mine.to(env.device)
     every = [torch.zeros_like(mine) for _ in range(env.world)]
     dist.all_gather(every, mine)
     return torch.cat(every).tolist()
@@ -185,7 +204,8 @@ def _peak_rss_per_rank(env: WorkerEnv) -> list[float]:
 
 def _layout_key(spec) -> list:
     p = spec.parallelism.pipeline
-    return [p.stages, p.total_stages, p.split_points]
+    key = [p.stages, p.total_stages, p.split_points]
+    return key + ["fsdp"] if spec.parallelism.data_mode == "fsdp" else key
 
 
 def _barrier(env: WorkerEnv) -> None:
@@ -202,9 +222,13 @@ def _save(spec, meta, store: RunStore, layout, optimizer, scheduler, record, his
         if env.rank == 0:
             store.clear(pending)
         _barrier(env)
+        state = state_dict(layout)  # every rank: gathering a sharded model's state is a collective
         if layout.writes_part:
-            store.write_part(pending, layout.mesh.pp_index, state_dict(layout),
-                             {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
+            # A sharded optimizer state is each rank's own: not written yet, so a resumed FSDP run starts its
+            # optimizer afresh (the weights are whole and layout-free either way).
+            sharded = spec.parallelism.data_mode == "fsdp" and spec.parallelism.data > 1
+            trainer = None if sharded else {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            store.write_part(pending, layout.mesh.pp_index, state, trainer)
         _barrier(env)
         if env.rank == 0:
             info = {"name": spec.name, "kind": spec.model.kind, "epoch": epoch, "data": meta.to_dict(),

@@ -39,16 +39,22 @@ class Mesh:
         return self.dp * self.pp
 
 
-def process_groups(mesh: Mesh):
-    """The (dp, pp) sub-groups of a named DeviceMesh; None where the degree is 1 or there is no process group."""
+def device_mesh(mesh: Mesh):
+    """The named (dp, pp) DeviceMesh of the run; None where there is no process group."""
     if mesh.world == 1 or not dist.is_initialized():
-        return None, None
+        return None
     from torch.distributed.device_mesh import init_device_mesh
 
     device_type = "cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
-    device_mesh = init_device_mesh(device_type, (mesh.dp, mesh.pp), mesh_dim_names=("dp", "pp"))
-    dp_group = device_mesh["dp"].get_group() if mesh.dp > 1 else None
-    pp_group = device_mesh["pp"].get_group() if mesh.pp > 1 else None
+    return init_device_mesh(device_type, (mesh.dp, mesh.pp), mesh_dim_names=("dp", "pp"))
+
+
+def process_groups(mesh: Mesh, named=None):
+    """The (dp, pp) sub-groups of the named mesh; None where the degree is 1 or there is no process group."""
+    if named is None:
+        return None, None
+    dp_group = named["dp"].get_group() if mesh.dp > 1 else None
+    pp_group = named["pp"].get_group() if mesh.pp > 1 else None
     return dp_group, pp_group
 
 
@@ -158,6 +164,38 @@ class DataParallel:
             return self.local[0](x)  # the bare module: evaluation needs no gradient sync
 
 
+class ShardedDataParallel:
+    """FSDP2: each block's parameters (and the rest, at the root) sharded over the dp ranks; a forward
+    all-gathers a block's parameters just before it runs, and backward reduce-scatters its gradients, averaged
+    over the ranks as DDP's are. Every rank must run every forward: evaluation keeps the ranks in step."""
+    collective_forward = True
+
+    def __init__(self, model: nn.Module, parts: list[Part] | None, mesh: Mesh, named_mesh, loss_fn, autocast):
+        from torch.distributed.fsdp import fully_shard
+
+        self.mesh, self.loss_fn, self.autocast = mesh, loss_fn, autocast
+        self.local, self.stage_ids, self.pp_group = [model], [0], None
+        self.dp_group = named_mesh["dp"].get_group() if named_mesh is not None else None
+        self.writes_part, self.holds_output = mesh.dp_index == 0, True
+        self.model = model
+        if named_mesh is not None:
+            for part in parts or []:
+                if part.block:
+                    fully_shard(next(iter(part.modules.values())), mesh=named_mesh["dp"])
+            fully_shard(model, mesh=named_mesh["dp"])
+
+    def train_step(self, x, y) -> torch.Tensor:
+        with self.autocast():
+            loss = self.loss_fn(self.model(x), y)
+        loss.backward()
+        return loss.detach()
+
+    @torch.no_grad()
+    def forward(self, x, y) -> torch.Tensor:
+        with self.autocast():
+            return self.model(x)
+
+
 class Pipeline:
     """This rank's stage(s) of the model, each wrapped in DDP over its dp group, driven by a torch schedule."""
 
@@ -243,11 +281,14 @@ def average_gradients(params: list[nn.Parameter], group) -> None:
 
 def parallelize(model: nn.Module, spec, env, loss_fn, autocast):
     mesh = Mesh(spec.parallelism.data, spec.parallelism.pipeline.stages, env.rank)
-    dp_group, pp_group = process_groups(mesh) if env.distributed else (None, None)
+    named = device_mesh(mesh) if env.distributed else None
+    dp_group, pp_group = process_groups(mesh, named)
     blocks_name = getattr(spec.model, "blocks", None)
     if spec.train.compile == "blocks":
         compile_blocks(model_parts(model, blocks_name))
-    if mesh.pp == 1:
+    if spec.parallelism.data_mode == "fsdp":
+        layout = ShardedDataParallel(model, parts_or_none(model, blocks_name), mesh, named, loss_fn, autocast)
+    elif mesh.pp == 1:
         layout = DataParallel(model, mesh, dp_group, env.device, loss_fn, autocast)
     else:
         layout = Pipeline(model_parts(model, blocks_name), mesh, dp_group, pp_group, env.device, loss_fn, autocast,
@@ -256,6 +297,16 @@ def parallelize(model: nn.Module, spec, env, loss_fn, autocast):
         for module in layout.local:
             module.compile()  # in place: parameter names, DDP's hold on the module and checkpoints are unchanged
     return layout
+
+
+def parts_or_none(model: nn.Module, blocks_name: str | None) -> list[Part] | None:
+    """The model's parts where it has them: FSDP shards per block when it can, the whole model otherwise."""
+    from raybig.models.parts import NoParts
+
+    try:
+        return model_parts(model, blocks_name)
+    except NoParts:
+        return None
 
 
 def compile_blocks(parts: list[Part]) -> None:
@@ -268,12 +319,21 @@ def compile_blocks(parts: list[Part]) -> None:
 
 def state_dict(layout) -> dict[str, torch.Tensor]:
     """This rank's checkpointed tensors under the full model's names: everything but frozen weights (the
-    base model under LoRA adapters), which the model's builder makes again from its seed or directory."""
+    base model under LoRA adapters), which the model's builder makes again from its seed or directory.
+    Sharded parameters are gathered whole onto the first rank (a collective: every rank calls this)."""
     out = {}
     for module in layout.local:
-        state = module.state_dict()
-        out.update({k: state[k] for k in checkpointed_keys(module)})
+        state = _full_state(module) if isinstance(layout, ShardedDataParallel) else module.state_dict()
+        out.update({k: state[k] for k in checkpointed_keys(module) if k in state})
     return out
+
+
+def _full_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not dist.is_initialized():
+        return module.state_dict()
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def checkpointed_keys(module: nn.Module) -> list[str]:
@@ -283,7 +343,14 @@ def checkpointed_keys(module: nn.Module) -> list[str]:
 
 def load_state(layout, full_state: dict[str, torch.Tensor]) -> None:
     for module in layout.local:
-        module.load_state_dict({k: full_state[k] for k in checkpointed_keys(module)}, strict=False)
+        wanted = {k: full_state[k] for k in checkpointed_keys(module)}
+        if isinstance(layout, ShardedDataParallel) and dist.is_initialized():
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            # every rank read the whole checkpoint; each keeps its shard of it
+            set_model_state_dict(module, wanted, options=StateDictOptions(full_state_dict=True, strict=False))
+        else:
+            module.load_state_dict(wanted, strict=False)
 
 
 def parameters(layout) -> list[nn.Parameter]:
@@ -291,13 +358,26 @@ def parameters(layout) -> list[nn.Parameter]:
     return [p for module in layout.local for p in module.parameters() if p.requires_grad]
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's shard on this rank; any other tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def local_numel(param: torch.Tensor) -> int:
+    """The elements of `param` this rank holds: its shard under FSDP."""
+    return _local(param).numel()
+
+
 def clip_grad_norm(layout, max_norm: float) -> None:
     """Clip by the norm over the whole model: with stages, each rank adds its part of the squared norm."""
     params = [p for p in parameters(layout) if p.grad is not None]
-    squared = torch.stack([p.grad.detach().float().pow(2).sum() for p in params]).sum() if params else torch.zeros(())
+    local = [_local(p.grad).detach().float().pow(2).sum() for p in params]
+    squared = torch.stack(local).sum() if local else torch.zeros(())
     if layout.pp_group is not None:
         dist.all_reduce(squared, group=layout.pp_group)
+    if isinstance(layout, ShardedDataParallel) and layout.dp_group is not None:
+        dist.all_reduce(squared, group=layout.dp_group)  # each rank holds a shard of every gradient
     # clamped, not compared with 1 in Python: the comparison would wait for the device every step
     scale = (max_norm / (squared.sqrt() + 1e-6)).clamp(max=1.0)
     for p in params:
-        p.grad.mul_(scale.to(p.grad.dtype))
+        _local(p.grad).mul_(scale.to(p.grad.dtype))
