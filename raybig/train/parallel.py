@@ -146,7 +146,7 @@ class DataParallel:
         self.local, self.stage_ids, self.pp_group = [model], [0], None
         self.writes_part = mesh.dp_index == 0
         self.holds_output = True
-        self.model = model
+        self.model = self.eval_model = model  # evaluating the bare module: no gradient sync to set up
         if dp_group is not None:
             self.model = DistributedDataParallel(
                 model, process_group=dp_group, device_ids=[device] if device.type == "cuda" else None,
@@ -161,10 +161,10 @@ class DataParallel:
     @torch.no_grad()
     def forward(self, x, y) -> torch.Tensor:
         with self.autocast():
-            return self.local[0](x)  # the bare module: evaluation needs no gradient sync
+            return self.eval_model(x)
 
 
-class ShardedDataParallel:
+class ShardedDataParallel(DataParallel):
     """FSDP2: each block's parameters (and the rest, at the root) sharded over the dp ranks; a forward
     all-gathers a block's parameters just before it runs, and backward reduce-scatters its gradients, averaged
     over the ranks as DDP's are. Every rank must run every forward: evaluation keeps the ranks in step."""
@@ -177,23 +177,12 @@ class ShardedDataParallel:
         self.local, self.stage_ids, self.pp_group = [model], [0], None
         self.dp_group = named_mesh["dp"].get_group() if named_mesh is not None else None
         self.writes_part, self.holds_output = mesh.dp_index == 0, True
-        self.model = model
+        self.model = self.eval_model = model  # sharded in place: its forward gathers what it needs
         if named_mesh is not None:
             for part in parts or []:
                 if part.block:
                     fully_shard(next(iter(part.modules.values())), mesh=named_mesh["dp"])
             fully_shard(model, mesh=named_mesh["dp"])
-
-    def train_step(self, x, y) -> torch.Tensor:
-        with self.autocast():
-            loss = self.loss_fn(self.model(x), y)
-        loss.backward()
-        return loss.detach()
-
-    @torch.no_grad()
-    def forward(self, x, y) -> torch.Tensor:
-        with self.autocast():
-            return self.model(x)
 
 
 class Pipeline:
