@@ -76,7 +76,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "raybig", "run", str(workdir / "hf-bench.yaml"), "--fresh",
                         "--num-cpus", "2"], capture_output=True, text=True, check=True)
         history = json.loads((workdir / "runs" / "hf-bench" / "metrics.json").read_text())
-        rates = {"raybig data 2": history[-1]["samples_per_s"] * args.seq,
+        rates = {"raybig data 2": history[-1]["tokens_per_s"],
                  "torchrun DDP": plain("plain", workdir, steps, args),
                  "HF Trainer": plain("trainer", workdir, steps, args)}
     print(f"tiny Llama: hidden {args.hidden}, {args.layers} layers, vocab {bundle.meta.num_classes}, seq {args.seq}, "

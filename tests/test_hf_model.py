@@ -72,6 +72,9 @@ def single(tmp_path_factory):
 def test_one_process_reproduces_a_plain_transformers_loop(single):
     losses = step_losses(single)
     assert len(losses) >= 10
+    record = RunStore(single).history()[0]
+    assert record["tokens_per_s"] == pytest.approx(record["samples_per_s"] * 32)  # seq_len 32
+    assert record["val_perplexity"] == pytest.approx(np.exp(record["val_loss"]))
     np.testing.assert_allclose(losses, plain_transformers_losses(job(single, "one"), len(losses)), rtol=1e-4)
 
 

@@ -51,8 +51,11 @@ def loss_fn(spec, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def _sum_across_ranks(tensor: torch.Tensor, env: WorkerEnv) -> torch.Tensor:
+    """Summed over every rank, where `tensor` is (NCCL reduces on the GPU: a CPU tensor goes there and back)."""
     if env.distributed:
-        dist.all_reduce(tensor)
+        on_device = tensor.to(env.device)
+        dist.all_reduce(on_device)
+        return on_device.to(tensor.device)
     return tensor
 
 
@@ -165,8 +168,9 @@ def fit(spec, meta, env: WorkerEnv, store: RunStore) -> list[dict]:
             "attempt": attempt,
             "step_losses": step_losses.tolist(),
         }
-        if meta.task == "lm":  # the language model's usual figure: exp of the mean token loss
+        if meta.task == "lm":  # the language model's usual figures: exp of the mean token loss, tokens/s
             record["val_perplexity"] = math.exp(min(record["val_loss"], 700.0))
+            record["tokens_per_s"] = record["samples_per_s"] * meta.shape[0]
         _stop_if_diverged(record, history, t.divergence_factor)
         # what each rank really needs: its peak memory (MB), and the parameters it holds (a stage, a shard)
         record["peak_rss_mb"] = _per_rank(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, env)

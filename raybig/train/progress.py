@@ -32,7 +32,7 @@ COLUMNS = [("epoch", "epoch", "{:d}"), ("train_loss", "train loss", "{:.4f}"), (
 
 # a language model's accuracy is per token, and perplexity says more than precision and recall over a vocabulary
 LM_COLUMNS = [*COLUMNS[:3], ("val_perplexity", "val ppl", "{:.2f}"), ("val_accuracy", "val acc", "{:.2%}"),
-              COLUMNS[-1]]
+              ("tokens_per_s", "tokens/s", "{:,.0f}")]
 
 
 def epoch_table(history: list[dict], title: str | None = None) -> Table:
@@ -41,7 +41,7 @@ def epoch_table(history: list[dict], title: str | None = None) -> Table:
     for _, header, _ in columns:
         table.add_column(header, justify="right", width=10)  # fixed, so rows printed one at a time line up
     for record in history:
-        table.add_row(*[fmt.format(record[name]) for name, _, fmt in columns])
+        table.add_row(*[fmt.format(record[name]) if name in record else "-" for name, _, fmt in columns])
     return table
 
 
