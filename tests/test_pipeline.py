@@ -1,4 +1,5 @@
 """Pipeline and 2-D (data x pipeline) layouts: the same losses and weights as one process."""
+import shutil
 import warnings
 
 import numpy as np
@@ -64,7 +65,7 @@ def test_layout_matches_one_process(tmp_path, single, layout):
         torch.testing.assert_close(weights[key], ref_weights[key], rtol=1e-3, atol=1e-5)
 
 
-def test_fsdp_data2_matches_one_process_and_resumes_under_ddp(tmp_path, single):
+def test_fsdp_data2_matches_one_process_and_resumes_under_fsdp_or_ddp(tmp_path, single):
     """parallelism.data_mode: fsdp shards each block over the data ranks (FSDP2); with gradient clipping and
     an L2 penalty on the shards it trains the same steps, and its layout-free checkpoint resumes under DDP."""
     raw = job(tmp_path, "f", data=2)
@@ -79,9 +80,16 @@ def test_fsdp_data2_matches_one_process_and_resumes_under_ddp(tmp_path, single):
     total = sum(w.numel() for w in ref_weights.values())
     held = RunStore(tmp_path / "f").history()[0]["parameters_per_rank"]
     assert len(held) == 2 and sum(held) == total and max(held) < 0.6 * total  # each rank holds its half
-    resumed = job(tmp_path, "f", data=1, epochs=2)
-    run_local(resumed, tmp_path / "f")
-    history = RunStore(tmp_path / "f").history()
+    # resumed as it was (fsdp 2, its optimizer state gathered into the checkpoint and sharded again) it goes on
+    # as a run that never stopped; under ddp 1 it takes the weights (the optimizer state is per layout)
+    shutil.copytree(tmp_path / "f", tmp_path / "g")
+    again = {**raw, "train": {**raw["train"], "epochs": 2}}
+    run_local(again, tmp_path / "f")
+    run_local(job(tmp_path, "g", data=1, epochs=2), tmp_path / "g")
+    run_local(job(tmp_path, "s", epochs=2), tmp_path / "straight")
+    np.testing.assert_allclose(losses_and_weights(tmp_path / "f")[0], losses_and_weights(tmp_path / "straight")[0],
+                               rtol=1e-4)
+    history = RunStore(tmp_path / "g").history()
     assert [r["epoch"] for r in history] == [1, 2] and len({r["attempt"] for r in history}) == 2
     assert history[1]["train_loss"] < history[0]["train_loss"]
 

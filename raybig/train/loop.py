@@ -19,7 +19,8 @@ from raybig.train.checkpoint import RunStore
 from raybig.train.metrics import confusion, from_confusion
 from raybig.train.optim import (add_penalty_gradients, apply_spec_hyperparameters, build_optimizer, build_scheduler,
                                 penalized_weights)
-from raybig.train.parallel import clip_grad_norm, load_state, local_numel, parallelize, parameters, state_dict
+from raybig.train.parallel import (clip_grad_norm, full_optimizer_state, load_optimizer_state, load_state, local_numel,
+                                   parallelize, parameters, state_dict)
 
 
 @dataclass
@@ -118,7 +119,7 @@ def fit(spec, meta, env: WorkerEnv, store: RunStore) -> list[dict]:
         load_state(layout, model_state)
         same_optimizer = ckpt_meta.get("optimizer", t.optimizer.name) == t.optimizer.name
         if trainer_state is not None and ckpt_meta.get("layout") == _layout_key(spec) and same_optimizer:
-            optimizer.load_state_dict(trainer_state["optimizer"])
+            load_optimizer_state(layout, optimizer, trainer_state["optimizer"])
             scheduler.load_state_dict(trainer_state["scheduler"])
         else:  # weights are layout-free; optimizer state is per stage (and per optimizer): start it afresh
             scheduler.last_epoch = ckpt_meta["step"]
@@ -226,13 +227,11 @@ def _save(spec, meta, store: RunStore, layout, optimizer, scheduler, record, his
         if env.rank == 0:
             store.clear(pending)
         _barrier(env)
-        state = state_dict(layout)  # every rank: gathering a sharded model's state is a collective
+        # every rank: gathering a sharded model's (and optimizer's) state is a collective
+        state, optimizer_state = state_dict(layout), full_optimizer_state(layout, optimizer)
         if layout.writes_part:
-            # A sharded optimizer state is each rank's own: not written yet, so a resumed FSDP run starts its
-            # optimizer afresh (the weights are whole and layout-free either way).
-            sharded = spec.parallelism.data_mode == "fsdp" and spec.parallelism.data > 1
-            trainer = None if sharded else {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-            store.write_part(pending, layout.mesh.pp_index, state, trainer)
+            store.write_part(pending, layout.mesh.pp_index, state,
+                             {"optimizer": optimizer_state, "scheduler": scheduler.state_dict()})
         _barrier(env)
         if env.rank == 0:
             info = {"name": spec.name, "kind": spec.model.kind, "epoch": epoch, "data": meta.to_dict(),

@@ -312,7 +312,7 @@ def state_dict(layout) -> dict[str, torch.Tensor]:
     Sharded parameters are gathered whole onto the first rank (a collective: every rank calls this)."""
     out = {}
     for module in layout.local:
-        state = _full_state(module) if isinstance(layout, ShardedDataParallel) else module.state_dict()
+        state = _full_state(module) if _sharded(layout) else module.state_dict()
         out.update({k: state[k] for k in checkpointed_keys(module) if k in state})
     return out
 
@@ -320,8 +320,6 @@ def state_dict(layout) -> dict[str, torch.Tensor]:
 def _full_state(module: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    if not dist.is_initialized():
-        return module.state_dict()
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
@@ -330,10 +328,35 @@ def checkpointed_keys(module: nn.Module) -> list[str]:
     return [k for k in module.state_dict() if k not in frozen]
 
 
+def _sharded(layout) -> bool:
+    return isinstance(layout, ShardedDataParallel) and dist.is_initialized()
+
+
+def full_optimizer_state(layout, optimizer) -> dict:
+    """The optimizer's state as this rank checkpoints it; a sharded one gathered whole (keyed by parameter
+    name) onto the first rank, so a resumed FSDP run goes on with it (a collective: every rank calls this)."""
+    if not _sharded(layout):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(layout.model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(layout, optimizer, state: dict) -> None:
+    if not _sharded(layout):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(layout.model, optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True))
+
+
 def load_state(layout, full_state: dict[str, torch.Tensor]) -> None:
     for module in layout.local:
         wanted = {k: full_state[k] for k in checkpointed_keys(module)}
-        if isinstance(layout, ShardedDataParallel) and dist.is_initialized():
+        if _sharded(layout):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
             # every rank read the whole checkpoint; each keeps its shard of it
