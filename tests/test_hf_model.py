@@ -108,7 +108,18 @@ def test_the_finished_run_is_a_save_pretrained_directory_transformers_loads(sing
         with torch.no_grad():
             tokens = torch.cat([tokens, ours(tokens)[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(tokens, greedy)
-    assert json.loads((hf_dir / "raybig_vocab.json").read_text())["vocab"] == info_vocab(single)
+    vocab = info_vocab(single)
+    assert json.loads((hf_dir / "raybig_vocab.json").read_text())["vocab"] == vocab
+    # its tokenizer: the run's characters, so transformers alone turns text into the ids raybig trained on
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    text = "".join(vocab[i] for i in x[0].tolist())
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == x[0].tolist()
+    assert tokenizer.decode(greedy[0]) == "".join(vocab[i] for i in greedy[0].tolist())
+    from raybig.data.chat import render_chat
+
+    chat = [{"role": "user", "content": "def f"}]
+    assert tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+        render_chat(json.loads((single / "model.json").read_text())["chat_template"], chat)
 
 
 def info_vocab(run) -> str:

@@ -199,8 +199,8 @@ def _decoder_layer(layer: nn.Module, rotary: nn.Module, config, hidden: torch.Te
 
 def write_pretrained(directory: Path, model_spec, meta, weights: Path) -> None:
     """The run's model as a `save_pretrained` directory: config.json and model.safetensors, which
-    `AutoModelForCausalLM.from_pretrained(directory)` loads with no missing or unexpected keys, the
-    characters that are its tokens, and its chat template."""
+    `AutoModelForCausalLM.from_pretrained(directory)` loads with no missing or unexpected keys, and for a
+    language model its tokenizer (`AutoTokenizer`: the characters that are its tokens) and chat template."""
     tmp = directory.with_name(f".{directory.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -208,9 +208,22 @@ def write_pretrained(directory: Path, model_spec, meta, weights: Path) -> None:
     _safetensors_for_transformers(weights, tmp / "model.safetensors")
     if meta.task == "lm":
         (tmp / "raybig_vocab.json").write_text(json.dumps({"vocab": meta.vocab}))
-        (tmp / "chat_template.jinja").write_text(DEFAULT_CHAT_TEMPLATE)
+        char_tokenizer(meta.vocab, DEFAULT_CHAT_TEMPLATE).save_pretrained(tmp)  # with chat_template.jinja
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)
+
+
+def char_tokenizer(vocab: str, chat_template: str):
+    """A transformers tokenizer for raybig's char-level text: each character one token, in the run's order,
+    decoded by joining them; `AutoTokenizer.from_pretrained` loads it from the run's hf/ directory."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel(vocab={c: i for i, c in enumerate(vocab)}, unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character
+    tokenizer.decoder = decoders.Fuse()
+    fast = transformers().PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+    fast.chat_template = chat_template
+    return fast
 
 
 def _safetensors_for_transformers(source: Path, target: Path) -> None:
