@@ -140,9 +140,10 @@ class SyncedRunStore(RunStore):
         super().write_part(pending, part, model_state, trainer_state)
         self._upload(pending / f"part-{part}.safetensors", pending / f"part-{part}-trainer.pt")
 
-    def finish_checkpoint(self, pending: Path, meta: dict, info: dict, keep: int | None) -> Path:
+    def finish_checkpoint(self, pending: Path, meta: dict, info: dict, keep: int | None,
+                          publish: dict | None = None) -> Path:
         _download_dir(self.fs, self._remote(pending), pending)  # the parts pipeline ranks on other nodes wrote
-        final = super().finish_checkpoint(pending, meta, info, keep)
+        final = super().finish_checkpoint(pending, meta, info, keep, publish)
         self._upload(final)
         _delete_dir(self.fs, self._remote(pending))
         if keep is not None:

@@ -256,6 +256,7 @@ def _save(spec, meta, store: RunStore, layout, optimizer, scheduler, record, his
                 from raybig.models.hf import write_pretrained
 
                 write_pretrained(store.root / "hf", spec.model, meta, store.root / "model.safetensors")
+                store.saved("hf")  # an object-store run uploads it
     if env.rank == 0:
         store.write_history(history)
         if env.progress:
