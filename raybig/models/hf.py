@@ -205,7 +205,7 @@ def write_pretrained(directory: Path, model_spec, meta, weights: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     hf_config(model_spec, meta).save_pretrained(tmp)
-    _safetensors_for_transformers(weights, tmp / "model.safetensors")
+    shutil.copyfile(weights, tmp / "model.safetensors")  # published with the metadata transformers reads
     if meta.task == "lm":
         (tmp / "raybig_vocab.json").write_text(json.dumps({"vocab": meta.vocab}))
         char_tokenizer(meta.vocab, DEFAULT_CHAT_TEMPLATE).save_pretrained(tmp)  # with chat_template.jinja
@@ -226,8 +226,3 @@ def char_tokenizer(vocab: str, chat_template: str):
     return fast
 
 
-def _safetensors_for_transformers(source: Path, target: Path) -> None:
-    """transformers reads the "format" metadata entry to tell PyTorch checkpoints from others."""
-    from safetensors.torch import load_file, save_file
-
-    save_file(load_file(str(source)), str(target), metadata={"format": "pt"})

@@ -12,6 +12,7 @@ from typing import Iterator
 
 import torch
 
+
 @dataclass
 class Sampling:
     max_tokens: int

@@ -16,8 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from raybig.serve.generation import Sampling
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-               413: "invalid_request_error", 422: "invalid_request_error"}
+ERROR_TYPES = {401: "authentication_error"}  # every other 4xx here is an invalid_request_error
 
 
 class _Request(BaseModel):
@@ -42,7 +41,8 @@ class _Request(BaseModel):
         return stops
 
     def sampling(self, default_tokens: int) -> Sampling:
-        return Sampling(self.max_tokens or default_tokens, self.temperature, self.top_p, self.seed, tuple(self.stop or ()))
+        stops = tuple(self.stop or ())  # a default None is not passed through the validator
+        return Sampling(self.max_tokens or default_tokens, self.temperature, self.top_p, self.seed, stops)
 
 
 class CompletionRequest(_Request):

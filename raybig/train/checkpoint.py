@@ -136,7 +136,8 @@ class RunStore:
     def publish_model(self, model_state: dict, info: dict) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".model.{uuid.uuid4().hex[:8]}.tmp"
-        save_file(_contiguous(model_state), str(tmp))
+        # "format": what transformers reads to tell a PyTorch checkpoint, so hf/ can take this file as it is
+        save_file(_contiguous(model_state), str(tmp), metadata={"format": "pt"})
         os.replace(tmp, self.root / "model.safetensors")
         _atomic_write_text(self.root / "model.json", json.dumps(info, indent=1))
 

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from raybig.models.parts import Part, model_parts
+from raybig.models.parts import NoParts, Part, model_parts
 
 SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B"}
 
@@ -49,7 +49,7 @@ def device_mesh(mesh: Mesh):
     return init_device_mesh(device_type, (mesh.dp, mesh.pp), mesh_dim_names=("dp", "pp"))
 
 
-def process_groups(mesh: Mesh, named=None):
+def process_groups(mesh: Mesh, named):
     """The (dp, pp) sub-groups of the named mesh; None where the degree is 1 or there is no process group."""
     if named is None:
         return None, None
@@ -170,14 +170,12 @@ class ShardedDataParallel(DataParallel):
     over the ranks as DDP's are. Every rank must run every forward: evaluation keeps the ranks in step."""
     collective_forward = True
 
-    def __init__(self, model: nn.Module, parts: list[Part] | None, mesh: Mesh, named_mesh, loss_fn, autocast):
+    def __init__(self, model: nn.Module, parts: list[Part] | None, mesh: Mesh, named_mesh, device: torch.device,
+                 loss_fn, autocast):
         from torch.distributed.fsdp import fully_shard
 
-        self.mesh, self.loss_fn, self.autocast = mesh, loss_fn, autocast
-        self.local, self.stage_ids, self.pp_group = [model], [0], None
+        super().__init__(model, mesh, None, device, loss_fn, autocast)  # no DDP: the model is sharded in place
         self.dp_group = named_mesh["dp"].get_group() if named_mesh is not None else None
-        self.writes_part, self.holds_output = mesh.dp_index == 0, True
-        self.model = self.eval_model = model  # sharded in place: its forward gathers what it needs
         if named_mesh is not None:
             for part in parts or []:
                 if part.block:
@@ -276,7 +274,8 @@ def parallelize(model: nn.Module, spec, env, loss_fn, autocast):
     if spec.train.compile == "blocks":
         compile_blocks(model_parts(model, blocks_name))
     if spec.parallelism.data_mode == "fsdp":
-        layout = ShardedDataParallel(model, parts_or_none(model, blocks_name), mesh, named, loss_fn, autocast)
+        layout = ShardedDataParallel(model, parts_or_none(model, blocks_name), mesh, named, env.device, loss_fn,
+                                     autocast)
     elif mesh.pp == 1:
         layout = DataParallel(model, mesh, dp_group, env.device, loss_fn, autocast)
     else:
@@ -290,8 +289,6 @@ def parallelize(model: nn.Module, spec, env, loss_fn, autocast):
 
 def parts_or_none(model: nn.Module, blocks_name: str | None) -> list[Part] | None:
     """The model's parts where it has them: FSDP shards per block when it can, the whole model otherwise."""
-    from raybig.models.parts import NoParts
-
     try:
         return model_parts(model, blocks_name)
     except NoParts:
