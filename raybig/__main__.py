@@ -1,3 +1,3 @@
-from raybig.cli import app
+from raybig.cli import main
 
-app(prog_name="raybig")
+main()

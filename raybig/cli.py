@@ -90,19 +90,25 @@ def run(
     num_cpus: Optional[float] = typer.Option(None, help="Logical CPUs of the embedded Ray (default: this machine's)."),
     fresh: bool = typer.Option(False, help="Discard this run's checkpoints and start from scratch."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Ray's and the workers' own logs."),
+    profile_startup: bool = typer.Option(False, "--profile-startup",
+                                         help="Print where the time went: each phase of start-up, training, teardown."),
 ):
     """Train a job spec; rerunning an interrupted run resumes from its last checkpoint."""
     import signal
 
+    from raybig.phases import Phases
     from raybig.train.progress import epoch_table
     from raybig.train.runner import RunFailed, run as run_job
 
+    phases = Phases()
     spec = _load(spec_path, set_)
     err.print(f"[bold]{spec.name}[/]: {spec.model.kind} on {spec.data.source}, data parallel x{spec.parallelism.data}, "
               f"{spec.train.epochs} epochs, global batch {spec.train.batch_size}", highlight=False)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (see serve)
+    phases.mark("python, imports, spec")
     try:
-        outcome = run_job(spec, address=address, num_cpus=num_cpus, fresh=fresh, verbose=verbose, console=err)
+        outcome = run_job(spec, address=address, num_cpus=num_cpus, fresh=fresh, verbose=verbose, console=err,
+                          phases=phases)
     except SpecError as error:
         _fail(error)
     except RunFailed as error:
@@ -127,6 +133,12 @@ def run(
     pretrained = ", hf/ (save_pretrained)" if spec.model.kind == "hf" else ""
     out.print(f"model: {root}/model.safetensors\nrun:   {root}/ (spec.yaml, metrics.json, curves.png, "
               f"tensorboard/, checkpoints/{pretrained})", highlight=False)
+    if profile_startup and not outcome.already_complete:
+        err.print(phases.table("where the time went", work=TRAINING_PHASES))
+
+
+# the phases of a run that are its training; the rest is the fixed cost around it (raybig.phases)
+TRAINING_PHASES = ("first step", "training (steps after the first, evaluation, checkpoints)")
 
 
 @app.command()
@@ -138,6 +150,8 @@ def sweep(
     address: Optional[str] = typer.Option(None, help="Join a running Ray cluster instead of starting an embedded one."),
     num_cpus: Optional[float] = typer.Option(None, help="Logical CPUs of the embedded Ray (default: this machine's)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Ray's and the workers' own logs."),
+    profile_startup: bool = typer.Option(False, "--profile-startup",
+                                         help="Print where the trials' time went: each phase, over all trials."),
 ):
     """Search hyperparameters with Ray Tune (the spec's sweep section); each trial is a full run, and the best
     trial's model becomes the run runs/<name>."""
@@ -169,6 +183,10 @@ def sweep(
     out.print(table)
     out.print(f"results: {outcome.sweep_dir}/results.parquet (and .csv), plots in {outcome.sweep_dir}/plots/",
               highlight=False)
+    if profile_startup:
+        from raybig.phases import trial_phases_table
+
+        err.print(trial_phases_table(outcome.sweep_dir / "trials"))
     if outcome.interrupted:
         err.print(f"[yellow]interrupted[/]: `raybig sweep {spec_path} --resume` continues it; finished trials "
                   "are kept", highlight=False)
@@ -278,6 +296,35 @@ def query(
         table.add_row(str(i), str(p["label"]), f"{p['probabilities'][p['label']]:.3f}",
                       f"{ranked[1]} ({p['probabilities'][ranked[1]]:.3f})" if len(ranked) > 1 else "")
     out.print(table)
+
+
+@app.command()
+def up(
+    num_cpus: Optional[float] = typer.Option(None, help="Logical CPUs of the local Ray (default: this machine's)."),
+    num_gpus: Optional[int] = typer.Option(None, help="GPUs of the local Ray (default: the ones Ray finds)."),
+    spare_ranks: int = typer.Option(2, min=0, help="Rank processes kept warmed (torch imported) for the next "
+                                                  "run; each holds a few hundred MB."),
+):
+    """Start a local Ray that stays up: `raybig run`, `sweep` and `serve` attach to it instead of starting
+    their own, which saves each command Ray's start and stop. `raybig down` ends it."""
+    from raybig.cluster import warm_up
+
+    try:
+        info, already = warm_up(num_cpus, num_gpus, spare_ranks)
+    except SpecError as error:
+        _fail(error)
+    state = "already up" if already else "up"
+    out.print(f"[green]{state}[/]: local Ray at {info['gcs']}, {info['num_cpus']} CPUs, {info.get('spare_ranks', 0)} "
+              f"spare rank(s) warmed (process group {info['pgid']}, log {info['log']}); run, sweep and serve "
+              "attach to it until `raybig down`", highlight=False)
+
+
+@app.command()
+def down():
+    """End the local Ray `raybig up` started (its process group only)."""
+    from raybig.cluster import warm_down
+
+    out.print("[green]down[/]" if warm_down() else "no local Ray of `raybig up` is running")
 
 
 @app.command()
@@ -566,4 +613,16 @@ def pull(
 
 
 def main() -> None:  # pragma: no cover - console script entry
-    app()
+    """The command, then an immediate exit: once a command is done (its files written and closed, Ray
+    stopped or left), the interpreter's own teardown of torch's and Ray's native state took another second
+    here, for nothing (docs/benchmarks.md, start-up)."""
+    import os
+
+    try:
+        app(prog_name="raybig")
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -2,19 +2,17 @@
 (`raybig submit`, `raybig jobs ...`). Every failure to reach or authenticate is a SpecError: one line, exit 2."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
 import shlex
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from raybig.clusterspec import ClusterSpec
 from raybig.errors import SpecError
+from raybig.procs import end_group, running, start_group
 from raybig.store_io import is_uri, join
 
 PROJECT_EXCLUDES = ["runs/", ".venv/", ".git/", "**/__pycache__/", "*.egg-info/", ".pytest_cache/"]
@@ -103,21 +101,15 @@ def cluster_up(cluster: ClusterSpec, timeout: float = 120) -> dict:
     if cluster.head is None:
         raise SpecError("this cluster file has no head section: it describes a remote cluster", "head")
     state = _state_file(cluster)
-    if state.exists():
-        info = json.loads(state.read_text())
-        if info.get("start") is not None and _start_time(info["pid"]) == info["start"]:
-            return info  # already up
-    log_path = state.with_suffix(".log")
+    info = running(state)
+    if info is not None:
+        return info  # already up
     # jobs' entrypoints say `python`: make it this environment's, where raybig and torch are installed
     env = {**os.environ, "RAY_AUTH_MODE": "token",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(head_command(cluster), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=env)
-    info = {"pid": proc.pid, "pgid": os.getpgid(proc.pid), "start": _start_time(proc.pid),
-            "address": cluster.submit_address,
-            "gcs": f"{cluster.head.host}:{cluster.head.port}", "log": str(log_path)}
-    state.write_text(json.dumps(info))
+    proc, info = start_group(head_command(cluster), state, env,
+                             {"address": cluster.submit_address, "gcs": f"{cluster.head.host}:{cluster.head.port}"})
+    log_path = info["log"]
     deadline = time.time() + timeout
     token = None
     while time.time() < deadline:
@@ -134,92 +126,9 @@ def cluster_up(cluster: ClusterSpec, timeout: float = 120) -> dict:
     raise SpecError(f"the head did not answer at {cluster.submit_address} within {timeout:.0f} s; see {log_path}")
 
 
-def _stat(pid: int) -> tuple[str, int, int, int] | None:
-    """(state, parent pid, process group, start time) of a process, from Linux /proc; None if it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2:].split()
-    return fields[0], int(fields[1]), int(fields[2]), int(fields[19])
-
-
-def _start_time(pid: int) -> int | None:
-    stat = _stat(pid)
-    return stat[3] if stat and stat[0] != "Z" else None
-
-
-def _processes() -> dict[int, tuple[str, int, int, int]]:
-    found = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        stat = _stat(int(entry.name))
-        if stat:
-            found[int(entry.name)] = stat
-    return found
-
-
-def _alive(pgid: int) -> bool:
-    """Whether the group has a live member (a zombie nobody reaped does not count)."""
-    if not Path("/proc").is_dir():
-        try:
-            os.killpg(pgid, 0)
-            return True
-        except (ProcessLookupError, PermissionError):
-            return False
-    return any(state != "Z" and group == pgid for state, _, group, _ in _processes().values())
-
-
-def _descendants(pid: int) -> dict[int, int]:
-    """Every process below `pid`, with its start time: Ray gives job drivers sessions of their own, so the
-    head's process group alone does not reach them."""
-    procs = _processes()
-    children: dict[int, list[int]] = {}
-    for child, (_, parent, _, _) in procs.items():
-        children.setdefault(parent, []).append(child)
-    found, todo = {}, [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found[child] = procs[child][3]
-            todo.append(child)
-    return found
-
-
 def cluster_down(cluster: ClusterSpec, timeout: float = 10) -> bool:
-    """SIGTERM the head's process group and the processes it started in sessions of their own, then SIGKILL
-    whatever is left after `timeout` (the GCS server, for one, lingers on SIGTERM; like `ray stop`, give it a
-    grace period, then kill). A pid is signalled only while it is still the process found at first."""
-    state = _state_file(cluster)
-    if not state.exists():
-        return False
-    info = json.loads(state.read_text())
-    pgid, leader = info["pgid"], _stat(info["pid"])
-    if leader is not None and leader[3] != info.get("start"):  # the pid is another process now: ours is gone
-        state.unlink()
-        return True
-    started = _descendants(info["pid"]) if leader is not None else {}
-
-    def ours() -> list[int]:
-        alive = ((p, _stat(p)) for p in started)
-        return [p for p, stat in alive if stat and stat[0] != "Z" and stat[3] == started[p]]
-
-    def signal_all(sig) -> None:
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            pass
-        for p in ours():
-            try:
-                os.kill(p, sig)
-            except ProcessLookupError:
-                pass
-
-    signal_all(signal.SIGTERM)
-    deadline = time.time() + timeout
-    while (_alive(pgid) or ours()) and time.time() < deadline:
-        time.sleep(0.5)
-    signal_all(signal.SIGKILL)
-    state.unlink()
-    return True
+    """Stop the head `cluster_up` started (raybig.procs.end_group)."""
+    return end_group(_state_file(cluster), timeout)
 
 
 # ----------------------------------------------------------------------------- jobs

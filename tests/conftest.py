@@ -1,6 +1,11 @@
+import os
+
 import pytest
 
-import raybig.cluster  # noqa: F401  (sets raybig's Serve settings before the session's Ray starts)
+# A `raybig up` on this machine must not take the tests' commands (the test of `raybig up` asks for it)
+os.environ.setdefault("RAYBIG_NO_WARM_RAY", "1")
+
+import raybig.cluster  # noqa: E402,F401  (sets raybig's Serve settings before the session's Ray starts)
 
 RAY_CPUS = 4  # two workers, a spare, and room for Ray Data; tests never start a second Ray
 

@@ -70,3 +70,40 @@ def test_raybig_serve_stopped_by_sigterm_leaves_no_ray_process(trained):
             proc.kill()
             proc.wait(timeout=60)
     assert processes_left(mark) == []
+
+
+def test_raybig_up_keeps_a_ray_that_run_attaches_to_and_down_ends_it(no_ray_in_this_process, tmp_path):
+    """`raybig up` starts a local Ray that outlives it; `raybig run` trains on it (printing where its time
+    went) and leaves it running; `raybig down` ends all of it."""
+    env = {k: v for k, v in os.environ.items() if k != "RAYBIG_NO_WARM_RAY"}
+    env["RAYBIG_CACHE"] = str(tmp_path / "cache")  # its own record of the warm Ray, whatever else runs here
+    raw = spec_dict(tmp_path, name="warm", train={"epochs": 1, "batch_size": 64, "seed": 0},
+                    parallelism={"data": 2})
+    (tmp_path / "warm.yaml").write_text(yaml.safe_dump(raw))
+    up_mark, run_mark = (f"{what}-{os.getpid()}-{time.time_ns()}" for what in ("up", "run"))
+
+    def raybig(*args, mark):
+        return subprocess.run([sys.executable, "-m", "raybig", *args], capture_output=True, text=True, timeout=240,
+                              env={**env, "RAYBIG_COMMAND_MARK": mark})
+
+    try:
+        up = raybig("up", "--num-cpus", "2", mark=up_mark)
+        assert up.returncode == 0 and up.stdout.startswith("up: local Ray at 127.0.0.1:"), up.stdout + up.stderr
+        again = raybig("up", mark=up_mark)
+        assert again.stdout.startswith("already up:"), again.stdout + again.stderr
+        assert processes_left(up_mark, within_s=0), "raybig up returned with nothing of its Ray left running"
+
+        run = raybig("run", str(tmp_path / "warm.yaml"), "--profile-startup", mark=run_mark)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert (tmp_path / "runs" / "warm" / "model.safetensors").is_file()
+        table = run.stderr[run.stderr.index("where the time went"):]
+        for phase in ("ray: attached", "rank processes up", "first step", "ray: disconnect", "overhead"):
+            assert phase in table, table
+        assert "ray: started" not in table
+        assert processes_left(run_mark, within_s=5) == []  # the run started no Ray of its own
+        assert processes_left(up_mark, within_s=0)  # and left the warm one running
+    finally:
+        down = raybig("down", mark=up_mark)
+    assert down.stdout.strip() == "down", down.stdout + down.stderr
+    assert processes_left(up_mark) == []
+    assert raybig("down", mark=up_mark).stdout.startswith("no local Ray")

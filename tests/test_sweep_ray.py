@@ -152,6 +152,30 @@ def test_asha_sweep_finishes_its_trials_and_stops_some_early(digits_sweep):
     assert len({r["train.optimizer.name"] for r in rows}) >= 3  # the optimizers really vary
 
 
+def test_asha_stops_trials_at_its_rungs_and_later_trials_reuse_their_ranks(digits_sweep):
+    """A trial's ranks wait for Tune's word at ASHA's rungs, so a stopped trial trained exactly to a rung
+    (not on into the next epoch), and its rank processes went on to run later trials."""
+    from raybig.sweep.driver import gate_epochs
+
+    spec, outcome, _ = digits_sweep
+    rungs = gate_epochs(spec.sweep, spec.train.epochs)
+    assert rungs == [2, 4, 8]
+    trials = {}
+    for row in outcome.rows:
+        root = outcome.sweep_dir / "trials" / f"{spec.name}-{row['trial']}"
+        trained = [h["epoch"] for h in json.loads((root / "metrics.json").read_text())]
+        profile = json.loads((root / "startup.json").read_text())
+        trials[row["trial"]] = (row, trained, profile)
+    for row, trained, _ in trials.values():
+        if row["status"] == "stopped":
+            assert trained[-1] in rungs and trained[-1] == row["epochs"], (row, trained)
+    order = sorted(trials.values(), key=lambda t: t[2]["started_at"])
+    stopped_pids = {t[2]["rank0_pid"] for t in order if t[0]["status"] == "stopped"}
+    later = [t for i, t in enumerate(order) if t[2]["rank0_pid"] in {o[2]["rank0_pid"] for o in order[:i]}]
+    assert later, [t[2] for t in order]  # some trial ran on ranks an earlier trial started
+    assert stopped_pids & {t[2]["rank0_pid"] for t in later}  # ... among them, ranks of a stopped trial
+
+
 def test_results_table_and_plots(digits_sweep):
     spec, outcome, _ = digits_sweep
     table = pd.read_parquet(outcome.sweep_dir / "results.parquet")

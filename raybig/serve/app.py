@@ -4,8 +4,8 @@ versions it holds in memory.
 Why one deployment and not a gateway in front of a deployment per version: every hop between Serve
 processes cost milliseconds on a small machine, where the forward pass of a served model takes well under
 one (docs/benchmarks.md: 0.19x of a bare FastAPI process through proxy, gateway and replica). So each
-replica holds every version, batches each version's requests in-process (@serve.batch, one queue per
-version) and, with Serve's direct ingress, takes HTTP itself: a request never leaves the process that
+replica holds every version, batches each version's requests in-process (raybig.serve.batching, one queue
+per version) and, with Serve's direct ingress, takes HTTP itself: a request never leaves the process that
 parses it. The price: all versions share one deployment's replicas and autoscaling (a handful of small
 versions fits in one replica's memory); many large or rarely used versions would call for Serve's model
 multiplexing instead.

@@ -5,8 +5,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from ray import serve
 
+from raybig.serve.batching import Batcher
 from raybig.serve.generation import Sampling, text_stream, token_stream
 
 from raybig.store_io import local_model
@@ -14,25 +14,16 @@ from raybig.train.checkpoint import load_trained_model
 
 
 class ServedModel:
-    """Requests for this version arriving within `batch_wait_ms` of each other share one forward pass.
-
-    The batch queue is made per instance: a method decorated with @serve.batch at class level shares one
-    queue across every instance in the process, which would mix versions in a batch.
-    """
+    """Requests for this version that overlap share one forward pass (raybig.serve.batching: a lone
+    request runs at once, under load a pass waits up to `batch_wait_ms` to fill). One batcher per
+    version, so a batch never mixes versions."""
 
     def __init__(self, run_dir: str, max_batch_size: int, batch_wait_ms: float, trust_code: bool = False):
         # a path, or an s3:// / gs:// run
         self.model, self.info = load_trained_model(local_model(run_dir), trust_code=trust_code)
-        self.predict = serve.batch(max_batch_size=max_batch_size,
-                                   batch_wait_timeout_s=batch_wait_ms / 1000)(self._forward_batch)
-        self.batches = 0
-        self.requests = 0
-        self.largest_batch = 0
+        self.predict = Batcher(self._forward_batch, max_batch_size, batch_wait_ms / 1000)
 
-    async def _forward_batch(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        self.batches += 1
-        self.requests += len(inputs)
-        self.largest_batch = max(self.largest_batch, len(inputs))
+    def _forward_batch(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         x = inputs[0] if len(inputs) == 1 else np.concatenate(inputs)
         with torch.no_grad():
             probs = torch.softmax(self.model(torch.from_numpy(x)).float(), dim=-1).numpy()
@@ -67,5 +58,4 @@ class ServedModel:
         return "".join(text for text, _ in pieces)
 
     def batching(self) -> dict:
-        return {"batches": self.batches, "requests": self.requests, "largest_batch": self.largest_batch,
-                "mean_batch": self.requests / self.batches if self.batches else 0.0}
+        return self.predict.stats()

@@ -103,6 +103,19 @@ def _scheduler(sweep, epochs: int):
     return FIFOScheduler()
 
 
+def gate_epochs(sweep, epochs: int) -> list[int]:
+    """The epochs where the sweep's scheduler may stop or pause a trial before its last: ASHA's rungs, PBT's
+    perturbation points. A trial's ranks wait for Tune's word there (raybig.train.group.TrialGate), so a
+    trial stopped by the scheduler ends at an epoch boundary and leaves its ranks to the next trial."""
+    s = sweep.scheduler
+    if s.name == "asha":  # the rungs of Tune's one-bracket ASHA: grace x rf^k below max_t
+        rungs = int(math.log(epochs / s.grace_period) / math.log(s.reduction_factor) + 1) if epochs >= s.grace_period else 0
+        return sorted({int(s.grace_period * s.reduction_factor ** k) for k in range(rungs)} - {epochs})
+    if s.name == "pbt":
+        return list(range(s.perturbation_interval, epochs, s.perturbation_interval))
+    return []
+
+
 def _quiet_tune() -> None:
     """The live table replaces Tune's own console output; its warning about frequent experiment snapshots is
     about per-epoch checkpoints, which PBT and --resume need."""
@@ -186,7 +199,8 @@ def run_sweep(spec, *, resume: bool = False, fresh: bool = False, address: str |
         if note:
             live.console.print(f"[yellow]{note}[/]", highlight=False)
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, base=base, space=sweep.space, root=str(sweep_dir)),
+            tune.with_parameters(run_trial, base=base, space=sweep.space, root=str(sweep_dir),
+                                 gates=gate_epochs(sweep, spec.train.epochs)),
             functools.partial(trial_resources, base=base, space=sweep.space))
         if resume:
             tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=False,
@@ -200,7 +214,8 @@ def run_sweep(spec, *, resume: bool = False, fresh: bool = False, address: str |
                     num_samples=1 if sweep.searcher == "grid" else sweep.num_trials,
                     search_alg=_searcher(sweep), scheduler=_scheduler(sweep, spec.train.epochs),
                     max_concurrent_trials=sweep.max_concurrent if sweep.searcher == "optuna" else None,
-                    time_budget_s=sweep.time_budget_s, reuse_actors=False,
+                    # a trial's actor (and the ranks it keeps) goes on to the next trial of the same layout
+                    time_budget_s=sweep.time_budget_s, reuse_actors=True,
                     trial_dirname_creator=trial_dirname),
                 run_config=tune.RunConfig(
                     name="tune", storage_path=str(sweep_dir), verbose=0, callbacks=[live],

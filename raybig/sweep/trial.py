@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
+from raybig.phases import Phases
 from raybig.sweep.space import clip_to_space, trial_spec
 from raybig.train.checkpoint import RunStore
 
@@ -24,9 +26,13 @@ REPORTED = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_precision", 
             "val_perplexity", "lr", "samples_per_s", "epoch_seconds")
 
 
-def run_trial(config: dict, *, base: dict, space: dict, root: str) -> None:
+def run_trial(config: dict, *, base: dict, space: dict, root: str, gates: list[int]) -> None:
     """The Tune trainable. `space` is the sweep's space (for clipping PBT's perturbations), `root` the
-    sweep's directory; the trial's run lives in root/trials/<trial id>/."""
+    sweep's directory; the trial's run lives in root/trials/<trial id>/. At the epochs in `gates` the
+    ranks wait for Tune's word (raybig.train.group.TrialGate)."""
+    import functools
+    import os
+
     from ray import tune
 
     import ray
@@ -35,6 +41,7 @@ def run_trial(config: dict, *, base: dict, space: dict, root: str) -> None:
     from raybig.train.group import fit_in_trial, unschedulable
     from raybig.train.runner import RunFailed, run
 
+    started = time.time()
     trial_id = tune.get_context().get_trial_id()
     spec = trial_spec(base, clip_to_space(config, space), f"{base['name']}-{trial_id}", str(Path(root) / "trials"))
     reason = unschedulable(spec, ray.cluster_resources())
@@ -51,12 +58,29 @@ def run_trial(config: dict, *, base: dict, space: dict, root: str) -> None:
             _report(history[-1], store)
             return
 
+    # where this trial's time went (`raybig sweep --profile-startup`), kept up to date at every epoch: Tune
+    # may end the trial's actor (its last trial, stopped) without the trial's own code running again
+    phases = Phases(started, "trial starts")
+    phases.mark("trial set-up: store, checkpoint")
+
+    def save_phases() -> None:
+        (store.root / "startup.json").write_text(json.dumps(phases.to_dict()))
+
     def relay(item: dict) -> None:
         if item["type"] == "epoch":
+            save_phases()
             _report(item, store)
             store.prune(spec.checkpoint.keep, through_epoch=item["epoch"])
 
-    run(spec, num_cpus=cluster_cpus(), on_item=relay, prune_checkpoints=False, fit_with=fit_in_trial)
+    # Tune hands this actor its next trial once this one's thread has ended; it waits 2 s by default, and a
+    # trial stopped mid-epoch ends its rank at the next step first
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
+    try:
+        run(spec, num_cpus=cluster_cpus(), on_item=relay, prune_checkpoints=False,
+            fit_with=functools.partial(fit_in_trial, gate_epochs=gates), phases=phases)
+    finally:
+        phases.mark("trial ends")
+        save_phases()
 
 
 def _install(checkpoint: Path, store: RunStore) -> list[dict]:

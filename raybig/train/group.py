@@ -27,6 +27,7 @@ from datetime import timedelta
 import ray
 import torch
 
+from raybig.phases import phase_item
 from raybig.train.runner import (RunFailed, explain_failure, loop_config, rank_resources, relay_progress,
                                  resource_shortfalls, run_relaying)
 
@@ -65,6 +66,12 @@ def unschedulable(spec, totals: dict) -> str | None:
 class Rank:
     """One rank's process. Its resources come from `.options()`: the bundle it is placed in."""
 
+    def warm(self) -> None:
+        """Import what a rank needs before a run comes (a spare of `raybig up`: raybig.train.spares)."""
+        import torch._dynamo  # noqa: F401  (DDP imports it when it wraps a model: ~1.5 s here)
+
+        import raybig.train.worker  # noqa: F401
+
     def endpoint(self) -> str:
         with socket.socket() as s:  # a free port for the process group's store, on this node
             s.bind(("", 0))
@@ -102,14 +109,55 @@ def fit_on_own_group(spec, bundle, loader: str, store, handle, prune_checkpoints
                 f"the cluster did not grant the run's {spec.parallelism.workers} workers x {rank_resources(spec)} "
                 f"within {START_TIMEOUT_S:g} s (RAYBIG_WORKER_START_TIMEOUT_S): other work holds them, "
                 f"free now {ray.available_resources()}") from None
+        handle(phase_item("placement group"))
         _fit_on_ranks(spec, bundle, loader, store, handle, prune_checkpoints, group, first=0)
     finally:
         remove_placement_group(group)
 
 
-def fit_in_trial(spec, bundle, loader: str, store, handle, prune_checkpoints: bool) -> None:
+class TrialGate:
+    """A sweep trial's progress handler, around the trial's own (which reports to Tune). At an epoch where
+    the scheduler may stop the trial (`epochs`, raybig.sweep.driver.gate_epochs), the ranks wait for the
+    trial's word (raybig.train.loop): go on once Tune took the report, stop when Tune ended the trial, which
+    its report raises as SystemExit. Stopped there, the ranks end cleanly and the next trial Tune gives this
+    actor takes them as they are."""
+
+    def __init__(self, board, epochs, handle):
+        self.board, self.epochs, self.handle = board, frozenset(epochs), handle
+        self.stopped = False  # at a gate: the ranks are told and return there
+
+    def __call__(self, item: dict) -> None:
+        gated = item["type"] == "epoch" and item["epoch"] in self.epochs
+        try:
+            self.handle(item)
+        except SystemExit:  # the trial is over: a rank waiting at this gate (or any later one) stops there
+            self.board.refuse_all.remote()
+            self.stopped = gated
+            raise
+        if gated:
+            self.board.give_word.remote(item["epoch"], True)
+
+
+# What a sweep trial's actor keeps between the trials Tune gives it (reuse_actors): its progress board and
+# its ranks, by placement group and bundles. A trial that ends at an epoch boundary (finished, or stopped at
+# a gate) leaves its ranks fit for the next trial, which then starts no process (docs/benchmarks.md, sweeps).
+_kept: dict = {"board": None, "ranks": {}}
+
+
+def _trial_board():
+    if _kept["board"] is None:
+        from raybig.train.progress import ProgressBoard
+
+        _kept["board"] = ProgressBoard.remote()
+    board = _kept["board"]
+    ray.get(board.forget.remote(), timeout=START_TIMEOUT_S)
+    return board
+
+
+def fit_in_trial(spec, bundle, loader: str, store, handle, prune_checkpoints: bool, gate_epochs=()) -> None:
     """A sweep trial: one actor per rank in the last bundles of the trial's placement group (or, for one
-    rank, a thread of this process), relaying rank 0's progress to `handle`."""
+    rank, a thread of this process), relaying rank 0's progress to `handle`. The ranks wait for the trial's
+    word at `gate_epochs` (TrialGate) and are kept for the actor's next trial."""
     workers = spec.parallelism.workers
     group = ray.util.get_current_placement_group()
     first = len(group.bundle_specs) - workers if group is not None else 0
@@ -117,41 +165,84 @@ def fit_in_trial(spec, bundle, loader: str, store, handle, prune_checkpoints: bo
         raise RunFailed(f"the trial's placement group has {len(group.bundle_specs)} bundles for {workers} ranks")
     if loader != "memory":
         raise RunFailed("a sweep trial's ranks hold the data in memory; data.loader stream is for single runs")
+    board = _trial_board()
+    gate = TrialGate(board, gate_epochs, handle)
+    config = {**loop_config(spec, bundle, loader, store, board, prune_checkpoints), "gate_epochs": sorted(gate_epochs)}
     if workers == 1:
-        from raybig.train.progress import ProgressBoard
+        return _retrying(spec, gate, board, lambda attempt: _train_here({**config, "attempt": attempt},
+                                                                        board, gate, spec))
+    key = (group.id.hex() if group is not None else None, first, workers, spec.resources.cpus_per_worker,
+           spec.resources.gpus_per_worker)
 
-        board = ProgressBoard.remote()
-        config = loop_config(spec, bundle, loader, store, board, prune_checkpoints)
-        return _retrying(spec, handle, board, lambda attempt: _train_here({**config, "attempt": attempt},
-                                                                          board, handle, spec))
-    _fit_on_ranks(spec, bundle, loader, store, handle, prune_checkpoints, group, first)
+    def attempt(name: str):
+        ranks = _alive(_kept["ranks"].pop(key, [])) or _start_ranks(spec, group, first)
+        clean = False
+        try:
+            _train(ranks, {**config, "attempt": name}, board, gate, None)
+            clean = True
+        except SystemExit:  # Tune ended the trial: at a gate, the ranks stopped there
+            clean = gate.stopped
+            raise
+        finally:
+            if clean:
+                _kept["ranks"][key] = ranks
+            else:
+                _kill(ranks)
+
+    _retrying(spec, gate, board, attempt)
+
+
+def _start_ranks(spec, group, first: int) -> list:
+    """An actor per rank, in bundles first.. of `group` (or anywhere the cluster has room, without one)."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    res = spec.resources
+    return [Rank.options(
+        num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=first + i)
+        if group is not None else None).remote() for i in range(spec.parallelism.workers)]
+
+
+def _alive(ranks: list) -> list:
+    """`ranks` if every one still answers, else none of them (ended): a kept rank may have died since."""
+    try:
+        ray.get([rank.__ray_ready__.remote() for rank in ranks], timeout=START_TIMEOUT_S)
+        return ranks
+    except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+        _kill(ranks)
+        return []
+
+
+def _kill(ranks: list) -> None:
+    for rank in ranks:
+        ray.kill(rank, no_restart=True)
 
 
 def _fit_on_ranks(spec, bundle, loader: str, store, handle, prune_checkpoints: bool, group, first: int) -> None:
     """One actor per rank in bundles first.. of `group`; rank 0's progress is relayed to `handle`."""
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
     from raybig.data.loader import to_ray_datasets
     from raybig.train.progress import ProgressBoard
 
-    workers, res = spec.parallelism.workers, spec.resources
+    workers = spec.parallelism.workers
     board = ProgressBoard.remote()
     config = loop_config(spec, bundle, loader, store, board, prune_checkpoints)
     datasets = to_ray_datasets(bundle) if loader == "stream" else None
 
     def attempt(name: str):
-        ranks = [Rank.options(
-            num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=first + i)
-            if group is not None else None).remote() for i in range(workers)]
+        from raybig.train import spares
+
+        taken = spares.take(spec, loader, store.location) if name.endswith("#0") else []
+        ranks = taken or _start_ranks(spec, group, first)
         # equal shards: every rank takes the same number of steps, so DDP never waits on a missing peer
         shards = {split: ds.streaming_split(workers, equal=True) for split, ds in datasets.items()} \
             if datasets else None
         try:
-            _train(ranks, {**config, "attempt": name}, board, handle, shards)
+            _train(ranks, {**config, "attempt": name}, board, handle, shards,
+                   "rank processes up (spares of raybig up)" if taken else "rank processes up")
         finally:
-            for rank in ranks:
-                ray.kill(rank, no_restart=True)
+            _kill(ranks)
+            if taken:
+                spares.replace_taken()
 
     _retrying(spec, handle, board, attempt)
 
@@ -159,45 +250,61 @@ def _fit_on_ranks(spec, bundle, loader: str, store, handle, prune_checkpoints: b
 def _retrying(spec, handle, board, attempt) -> None:
     """Run `attempt(name)` until it succeeds; any rank's failure starts it again (from the last checkpoint,
     which the loop finds in the store) while failure.max_failures allows. `name` tells the attempts apart
-    in the run's history."""
+    in the run's history. (A SystemExit, Tune ending a trial, ends it at once: nothing more is relayed.)"""
     failures = 0
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     while True:
         try:
             attempt(f"{started}#{failures}")
-            return
         except RunFailed:
+            relay_progress(board, handle)
             raise
         except Exception as err:  # a rank's error, or its death (ray.exceptions.RayActorError)
+            relay_progress(board, handle)
             failures += 1
             if failures > spec.failure.max_failures:
                 raise RunFailed(explain_failure(err)) from err
             handle({"type": "restart", "failures": failures, "reason": explain_failure(err)})
-        finally:
+        else:
             relay_progress(board, handle)
+            return
 
 
 def _train_here(config: dict, board, handle, spec) -> None:
-    """The one rank, on a thread of this process, while this thread relays its progress."""
+    """The one rank, on a thread of this process, while this thread relays its progress. Tune ending the
+    trial anywhere but at a gate stops the rank at its next step: nothing of it outlives the trial."""
+    import threading
+
     from raybig.train.worker import run_rank
 
     cuda = spec.resources.gpus_per_worker > 0 and torch.cuda.is_available()
-    error = run_relaying(lambda: run_rank(config, 0, 1, _device(cuda)), board, handle, "raybig-rank-0")
+    stop = threading.Event()
+    error = run_relaying(lambda: run_rank(config, 0, 1, _device(cuda), stop=stop), board, handle, "raybig-rank-0",
+                         stop=stop)
     if error:
         raise error
 
 
-def _train(ranks: list, config: dict, board, handle, shards: dict | None) -> None:
+def _train(ranks: list, config: dict, board, handle, shards: dict | None, up: str = "rank processes up") -> None:
     try:
         master = ray.get(ranks[0].endpoint.remote(), timeout=START_TIMEOUT_S)
         ray.get([rank.__ray_ready__.remote() for rank in ranks], timeout=START_TIMEOUT_S)
     except ray.exceptions.GetTimeoutError:
         raise WorkerStartTimeout(f"the run's {len(ranks)} ranks did not start within {START_TIMEOUT_S:g} s "
                                  "(RAYBIG_WORKER_START_TIMEOUT_S)") from None
+    handle(phase_item(up))
     pending = [rank.run.remote(config, i, len(ranks), master,
                                {split: its[i] for split, its in shards.items()} if shards else None)
                for i, rank in enumerate(ranks)]
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1, timeout=0.5)
-        relay_progress(board, handle)
-        ray.get(done)  # a rank's error (or death) ends the attempt; the others are killed by the caller
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+            relay_progress(board, handle)
+            ray.get(done)  # a rank's error (or death) ends the attempt; the others are killed by the caller
+    except SystemExit:
+        if getattr(handle, "stopped", False):  # stopped at a gate (TrialGate): the ranks return there
+            try:
+                ray.get(pending, timeout=START_TIMEOUT_S)
+            except Exception:  # they did not end cleanly: the caller kills them
+                handle.stopped = False
+        raise

@@ -4,6 +4,7 @@ applied from outside (`parallelize`) and the batch source it is handed, never th
 from __future__ import annotations
 
 import math
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -36,6 +37,11 @@ class WorkerEnv:
     # trial prunes them itself once copied (raybig.sweep.trial)
     prune_checkpoints: bool = True
     attempt: str = ""  # which start of the worker group this is, recorded with every epoch it trains
+    # a sweep trial: the epochs where its scheduler may stop it, and (rank 0) how to ask the trial whether
+    # it goes on; `stop` set ends a rank running on the trial's own thread at the next step
+    gate_epochs: frozenset = frozenset()
+    word: Callable[[int], bool] | None = None
+    stop: object | None = None  # a threading.Event
 
     @property
     def distributed(self) -> bool:
@@ -128,6 +134,8 @@ def fit(spec, meta, env: WorkerEnv, store: RunStore) -> list[dict]:
     weights = [w for module in layout.local for w in penalized_weights(module)]
     attempt = env.attempt or time.strftime("%Y-%m-%dT%H:%M:%S")
     dp = spec.parallelism.data
+    if env.progress:  # set-up is done: where a run's fixed cost ends (raybig.phases)
+        env.progress({"type": "ready", "at": time.time(), "pid": os.getpid()})
 
     for epoch in range(start_epoch + 1, t.epochs + 1):
         for module in layout.local:
@@ -137,6 +145,8 @@ def fit(spec, meta, env: WorkerEnv, store: RunStore) -> list[dict]:
         step_losses = torch.zeros(steps_per_epoch, dtype=torch.float64, device=env.device)
         started = time.perf_counter()
         for i, (x, y) in enumerate(env.train.train_batches(epoch)):
+            if env.stop is not None and env.stop.is_set():  # its trial is over (one rank: no peer waits)
+                return history
             if env.device.type == "cuda":  # a copy from pinned memory overlaps the step before it
                 x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
@@ -152,7 +162,7 @@ def fit(spec, meta, env: WorkerEnv, store: RunStore) -> list[dict]:
                 step_losses[i] = loss
             if env.progress and (i % 10 == 0 or i == steps_per_epoch - 1):
                 env.progress({"type": "step", "epoch": epoch, "step": i + 1, "steps": steps_per_epoch,
-                              "loss": float(loss) if loss is not None else float("nan")})
+                              "loss": float(loss) if loss is not None else float("nan"), "at": time.time()})
         if env.device.type == "cuda":  # kernels run ahead of the host: time the work, not its launch
             torch.cuda.synchronize(env.device)
         train_seconds = time.perf_counter() - started
@@ -179,7 +189,21 @@ def fit(spec, meta, env: WorkerEnv, store: RunStore) -> list[dict]:
         record["epoch_seconds"] = time.perf_counter() - started
         history.append(record)
         _save(spec, meta, store, layout, optimizer, scheduler, record, history, env)
+        if epoch in env.gate_epochs and epoch < t.epochs and not _trial_goes_on(epoch, env):
+            break
     return history
+
+
+def _trial_goes_on(epoch: int, env: WorkerEnv) -> bool:
+    """A sweep trial at an epoch where its scheduler may stop it: rank 0 waits for the trial's word and every
+    rank takes it from rank 0, so all stop at the same epoch (a rank that went on would wait for its peers
+    for good), and stopped there, the ranks are fit for the next trial."""
+    go = torch.tensor([int(env.word(epoch)) if env.word is not None else 1])
+    if env.distributed:
+        flag = go.to(env.device)
+        dist.broadcast(flag, 0)
+        go = flag.cpu()
+    return bool(go.item())
 
 
 def _stop_if_diverged(record: dict, history: list[dict], factor: float | None) -> None:

@@ -12,17 +12,54 @@ from rich.table import Table
 
 @ray.remote(num_cpus=0)
 class ProgressBoard:
-    """Rank 0 posts here without waiting; the driver drains it. Works the same on a remote cluster."""
+    """Rank 0 posts here without waiting; the driver drains it. Works the same on a remote cluster.
+
+    In a sweep trial it also carries the trial's word at the epochs where Tune's scheduler may stop it
+    (raybig.train.group.TrialGate): rank 0 waits for it there, the trial's thread gives it. An async actor,
+    so a rank waiting for its word never blocks a push or a drain."""
 
     def __init__(self):
-        self.items: list[dict] = []
+        import asyncio
 
-    def push(self, item: dict) -> None:
+        self.items: list[dict] = []
+        self.words: dict[int, asyncio.Future] = {}
+        self.refused = False
+
+    async def push(self, item: dict) -> None:
         self.items.append(item)
 
-    def drain(self) -> list[dict]:
+    async def drain(self) -> list[dict]:
         items, self.items = self.items, []
         return items
+
+    def _word(self, epoch: int):
+        import asyncio
+
+        return self.words.setdefault(epoch, asyncio.get_running_loop().create_future())
+
+    async def word_for(self, epoch: int) -> bool:
+        """Whether the trial goes on after `epoch`: waits until the trial says."""
+        if self.refused:
+            return False
+        go = await self._word(epoch)
+        self.words.pop(epoch, None)
+        return go
+
+    async def give_word(self, epoch: int, go: bool) -> None:
+        word = self._word(epoch)
+        if not word.done():
+            word.set_result(go)
+
+    async def refuse_all(self) -> None:
+        """The trial is over: at every epoch, waited for now or later, the answer is stop."""
+        self.refused = True
+        for word in self.words.values():
+            if not word.done():
+                word.set_result(False)
+
+    async def forget(self) -> None:
+        """Ready for the next trial of the same actor: no items or words of the last one left."""
+        self.items, self.words, self.refused = [], {}, False
 
 
 COLUMNS = [("epoch", "epoch", "{:d}"), ("train_loss", "train loss", "{:.4f}"), ("val_loss", "val loss", "{:.4f}"),

@@ -135,18 +135,20 @@ def prepare_store(spec: JobSpec, fresh: bool) -> tuple[RunStore, int]:
 
 def run(spec: JobSpec, *, address: str | None = None, num_cpus: float | None = None, fresh: bool = False,
         verbose: bool = False, console=None, on_item=None, prune_checkpoints: bool = True,
-        fit_with=None) -> RunOutcome:
+        fit_with=None, phases=None) -> RunOutcome:
     """Train `spec` to its last epoch. Progress (steps, finished epochs) goes to a live view on `console`,
     or to `on_item(item)` when given (a sweep trial relays finished epochs to Ray Tune). Without
     `prune_checkpoints` every epoch checkpoint stays until the caller prunes the store. `fit_with` starts
     the worker group (raybig.train.group): the run's own placement group by default, a sweep trial's in a
-    sweep."""
+    sweep. `phases` (raybig.phases.Phases), when given, takes a mark at the end of each phase."""
     import ray
 
     from raybig.cluster import embedded_cpus, ray_session
+    from raybig.phases import Phases, RankMarks
     from raybig.train.group import fit_on_own_group
     from raybig.train.progress import ProgressView, write_curves
 
+    phases = phases or Phases()
     meta = describe(spec.data)
     check_plan(spec, meta, None if address else embedded_cpus(num_cpus))
     store, done = prepare_store(spec, fresh)
@@ -155,19 +157,41 @@ def run(spec: JobSpec, *, address: str | None = None, num_cpus: float | None = N
     store.write_spec(spec.to_yaml())
     bundle = load(spec.data)
     loader = pick_loader(spec, bundle)
+    phases.mark("data and checks")
     started = time.perf_counter()
-    with ray_session(address, num_cpus, verbose):
+    with ray_session(address, num_cpus, verbose) as how:
+        phases.mark(f"ray: {how}")
         check_resources(spec, ray.cluster_resources())
         fit = fit_with or fit_on_own_group
         if on_item is not None:
-            fit(spec, bundle, loader, store, on_item, prune_checkpoints)
+            fit(spec, bundle, loader, store, RankMarks(phases, on_item, spec.train.epochs), prune_checkpoints)
         else:
             with ProgressView(spec, console, resumed_from=done) as view:
-                fit(spec, bundle, loader, store, view.handle, prune_checkpoints)
-    history = store.history()
-    write_curves(store.root, history)
+                fit(spec, bundle, loader, store, RankMarks(phases, view.handle, spec.train.epochs),
+                    prune_checkpoints)
+        phases.mark("last step to results: evaluation, checkpoint, ranks end")
+        history = store.history()
+        # drawn while Ray stops: both take most of a second here, and neither needs the other
+        failed: list[BaseException] = []
+        curves = threading.Thread(target=_capturing(failed, write_curves, store.root, history), name="raybig-curves")
+        curves.start()
+    phases.mark("ray: stop" if how == "started" else "ray: disconnect")
+    curves.join()
+    if failed:
+        raise failed[0]
     store.saved("curves.png", "tensorboard")
+    phases.mark("curves and TensorBoard (after Ray's stop)")
     return RunOutcome(store, history, resumed_from=done, seconds=time.perf_counter() - started)
+
+
+def _capturing(failed: list, fn, *args):
+    """`fn(*args)` for a thread: its error lands in `failed` for the thread that joins it."""
+    def target():
+        try:
+            fn(*args)
+        except BaseException as err:
+            failed.append(err)
+    return target
 
 
 def loop_config(spec: JobSpec, bundle, loader: str, store: RunStore, board=None, prune_checkpoints: bool = True) -> dict:
@@ -189,22 +213,23 @@ def pick_loader(spec: JobSpec, bundle) -> str:
     return "memory" if spec.parallelism.pipeline.stages > 1 else choose_loader(spec.data.loader, bundle.nbytes)
 
 
-def run_relaying(work, board, handle, name: str) -> BaseException | None:
-    """Run `work` on a thread while this one relays the progress board to `handle`; returns its error."""
+def run_relaying(work, board, handle, name: str, stop=None) -> BaseException | None:
+    """Run `work` on a thread while this one relays the progress board to `handle`; returns its error. When
+    relaying raises SystemExit (Tune ended the trial), `stop` (a threading.Event the work watches) is set
+    unless the work stopped at a gate (TrialGate), and the thread is waited for: it outlives nothing."""
     error: list[BaseException] = []
-
-    def target():
-        try:
-            work()
-        except BaseException as err:  # handed back to the relaying thread
-            error.append(err)
-
-    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread = threading.Thread(target=_capturing(error, work), name=name, daemon=True)
     thread.start()
-    while thread.is_alive():
-        thread.join(timeout=0.5)
+    try:
+        while thread.is_alive():
+            thread.join(timeout=0.5)
+            relay_progress(board, handle)
         relay_progress(board, handle)
-    relay_progress(board, handle)
+    except SystemExit:
+        if stop is not None and not getattr(handle, "stopped", False):
+            stop.set()
+        thread.join(timeout=BOARD_TIMEOUT_S)
+        raise
     return error[0] if error else None
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 
 
-def run_rank(config: dict, rank: int, world: int, device: torch.device, shards: dict | None = None) -> None:
+def run_rank(config: dict, rank: int, world: int, device: torch.device, shards: dict | None = None,
+             stop=None) -> None:
     """One rank of a run whose process group is already up. It takes its slice of the in-memory splits that
-    travel in `config["arrays"]` (object refs), or streams its own Ray Data `shards` ({"train", "val"})."""
+    travel in `config["arrays"]` (object refs), or streams its own Ray Data `shards` ({"train", "val"}).
+    `stop` (a threading.Event) ends a rank that runs on its sweep trial's own thread."""
     import ray
 
     from raybig.data.datasets import DataMeta
@@ -28,6 +30,8 @@ def run_rank(config: dict, rank: int, world: int, device: torch.device, shards: 
                                  rank)
     board = config.get("board")
     progress = (lambda item: board.push.remote(item)) if board is not None and rank == 0 else None
+    gates = frozenset(config.get("gate_epochs", ()))
+    word = (lambda epoch: ray.get(board.word_for.remote(epoch))) if gates and progress else None
     env = WorkerEnv(rank, world, device, *sources, progress=progress, attempt=config.get("attempt", ""),
-                    prune_checkpoints=config["prune_checkpoints"])
+                    prune_checkpoints=config["prune_checkpoints"], gate_epochs=gates, word=word, stop=stop)
     fit(spec, meta, env, open_run_store(config["store"]))
