@@ -5,6 +5,7 @@ trials early with ASHA, the second (fifo) trains each one for every epoch. Print
 the gap in points, the epochs each spent and ASHA's fraction of the full run's epochs, and wall-clock time.
 
     python benchmarks/sweep_efficiency.py [--spec jobs/digits_sweep.yaml] [--trials 12] [--grace 1] [--rf 3]
+                                          [--set model.hidden=[1024,1024]]
 """
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def sweep(spec_path: str, out: Path, scheduler: dict, trials: int | None, cpus: int):
+def sweep(spec_path: str, out: Path, scheduler: dict, trials: int | None, cpus: int, sets: list[str]):
     from raybig.spec import load_spec
     from raybig.sweep.driver import run_sweep
 
-    overrides = [f"output.dir={out}", f"sweep.scheduler={scheduler}"]
+    overrides = [*sets, f"output.dir={out}", f"sweep.scheduler={scheduler}"]
     if trials:
         overrides.append(f"sweep.trials={trials}")
     spec = load_spec(spec_path, overrides)
@@ -38,6 +39,8 @@ def main() -> None:
     parser.add_argument("--grace", type=int, default=None, help="ASHA grace period (default: the spec's, else 1).")
     parser.add_argument("--rf", type=float, default=None, help="ASHA reduction factor (default: the spec's, else 3).")
     parser.add_argument("--cpus", type=int, default=4, help="Logical CPUs of the embedded Ray.")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="PATH=VALUE",
+                        help="Override a field of the spec for both sweeps, e.g. --set model.hidden=[1024,1024].")
     args = parser.parse_args()
 
     from raybig.cluster import ray_session
@@ -47,9 +50,14 @@ def main() -> None:
     asha = {"name": "asha",
             "grace_period": args.grace or (own.grace_period if own.name == "asha" else 1),
             "reduction_factor": args.rf or (own.reduction_factor if own.name == "asha" else 3.0)}
-    with tempfile.TemporaryDirectory(prefix="sweep-bench-") as tmp, ray_session(num_cpus=args.cpus):
-        spec, early, early_s = sweep(args.spec, Path(tmp) / "asha", asha, args.trials, args.cpus)
-        _, full, full_s = sweep(args.spec, Path(tmp) / "full", {"name": "fifo"}, args.trials, args.cpus)
+    # each sweep in an embedded Ray of its own, started before its clock starts: as `raybig sweep` runs on a
+    # Ray of `raybig up`, and neither sweep inherits processes or warm caches from the other
+    with tempfile.TemporaryDirectory(prefix="sweep-bench-") as tmp:
+        with ray_session(num_cpus=args.cpus):
+            spec, early, early_s = sweep(args.spec, Path(tmp) / "asha", asha, args.trials, args.cpus, args.sets)
+        with ray_session(num_cpus=args.cpus):
+            _, full, full_s = sweep(args.spec, Path(tmp) / "full", {"name": "fifo"}, args.trials, args.cpus,
+                                    args.sets)
 
     metric, goal = spec.sweep.metric, spec.sweep.goal
     same = [{p: r[p] for p in spec.sweep.space} for r in early.rows] == \

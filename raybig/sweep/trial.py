@@ -62,6 +62,7 @@ def run_trial(config: dict, *, base: dict, space: dict, root: str, gates: list[i
     # may end the trial's actor (its last trial, stopped) without the trial's own code running again
     phases = Phases(started, "trial starts")
     phases.mark("trial set-up: store, checkpoint")
+    phases.facts["trial_pid"] = os.getpid()  # Tune hands an actor trial after trial (reuse_actors)
 
     def save_phases() -> None:
         (store.root / "startup.json").write_text(json.dumps(phases.to_dict()))

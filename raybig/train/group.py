@@ -119,12 +119,12 @@ class TrialGate:
     """A sweep trial's progress handler, around the trial's own (which reports to Tune). At an epoch where
     the scheduler may stop the trial (`epochs`, raybig.sweep.driver.gate_epochs), the ranks wait for the
     trial's word (raybig.train.loop): go on once Tune took the report, stop when Tune ended the trial, which
-    its report raises as SystemExit. Stopped there, the ranks end cleanly and the next trial Tune gives this
-    actor takes them as they are."""
+    its report raises as SystemExit. Stopped there, or after its last epoch (`last`, where the ranks end
+    anyway), the ranks end cleanly and the next trial Tune gives this actor takes them as they are."""
 
-    def __init__(self, board, epochs, handle):
-        self.board, self.epochs, self.handle = board, frozenset(epochs), handle
-        self.stopped = False  # at a gate: the ranks are told and return there
+    def __init__(self, board, epochs, handle, last: int):
+        self.board, self.epochs, self.handle, self.last = board, frozenset(epochs), handle, last
+        self.stopped = False  # at a gate or the end: the ranks return there
 
     def __call__(self, item: dict) -> None:
         gated = item["type"] == "epoch" and item["epoch"] in self.epochs
@@ -132,7 +132,7 @@ class TrialGate:
             self.handle(item)
         except SystemExit:  # the trial is over: a rank waiting at this gate (or any later one) stops there
             self.board.refuse_all.remote()
-            self.stopped = gated
+            self.stopped = gated or (item["type"] == "epoch" and item["epoch"] == self.last)
             raise
         if gated:
             self.board.give_word.remote(item["epoch"], True)
@@ -166,7 +166,7 @@ def fit_in_trial(spec, bundle, loader: str, store, handle, prune_checkpoints: bo
     if loader != "memory":
         raise RunFailed("a sweep trial's ranks hold the data in memory; data.loader stream is for single runs")
     board = _trial_board()
-    gate = TrialGate(board, gate_epochs, handle)
+    gate = TrialGate(board, gate_epochs, handle, spec.train.epochs)
     config = {**loop_config(spec, bundle, loader, store, board, prune_checkpoints), "gate_epochs": sorted(gate_epochs)}
     if workers == 1:
         return _retrying(spec, gate, board, lambda attempt: _train_here({**config, "attempt": attempt},
