@@ -101,7 +101,11 @@ def warm_up(num_cpus: float | None = None, num_gpus: int | None = None, spare_ra
             state.unlink(missing_ok=True)
             raise SpecError(f"ray start exited with {proc.returncode}; see {log}", "up")
         if "Ray runtime started" in log.read_text(errors="replace"):
-            info["spare_ranks"] = _warm_spares(info, spare_ranks, timeout) if spare_ranks else 0
+            try:
+                info["spare_ranks"] = _warm_spares(info, spare_ranks, timeout) if spare_ranks else 0
+            except Exception as err:  # a head whose spares never came is not left running
+                end_group(state)
+                raise SpecError(f"the local Ray's spare ranks did not start ({err}); see {log}", "up") from None
             state.write_text(json.dumps(info))
             return info, False
         time.sleep(0.2)

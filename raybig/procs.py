@@ -120,5 +120,3 @@ def end_group(state: Path, timeout: float = 10) -> bool:
     signal_all(signal.SIGKILL)
     state.unlink()
     return True
-
-

@@ -109,7 +109,9 @@ def gate_epochs(sweep, epochs: int) -> list[int]:
     trial stopped by the scheduler ends at an epoch boundary and leaves its ranks to the next trial."""
     s = sweep.scheduler
     if s.name == "asha":  # the rungs of Tune's one-bracket ASHA: grace x rf^k below max_t
-        rungs = int(math.log(epochs / s.grace_period) / math.log(s.reduction_factor) + 1) if epochs >= s.grace_period else 0
+        if epochs < s.grace_period:
+            return []
+        rungs = int(math.log(epochs / s.grace_period) / math.log(s.reduction_factor) + 1)
         return sorted({int(s.grace_period * s.reduction_factor ** k) for k in range(rungs)} - {epochs})
     if s.name == "pbt":
         return list(range(s.perturbation_interval, epochs, s.perturbation_interval))

@@ -231,6 +231,7 @@ def _fit_on_ranks(spec, bundle, loader: str, store, handle, prune_checkpoints: b
     def attempt(name: str):
         from raybig.train import spares
 
+        # the first attempt only (its name ends in its failure count, #0): a restart gets new processes
         taken = spares.take(spec, loader, store.location) if name.endswith("#0") else []
         ranks = taken or _start_ranks(spec, group, first)
         # equal shards: every rank takes the same number of steps, so DDP never waits on a missing peer
