@@ -46,7 +46,7 @@ def validate(
 
     spec = _load(spec_path, set_)
     try:
-        meta = describe(spec.data)
+        meta = describe(spec.data, spec.model)
         check_plan(spec, meta, embedded_cpus(num_cpus))
     except SpecError as error:
         _fail(error)
@@ -126,8 +126,11 @@ def run(
         err.print(f"{root} already holds all {spec.train.epochs} epochs (use --fresh to train again)")
         out.print(epoch_table(outcome.history[-1:]))
     final = outcome.final
-    perplexity = f"val perplexity {final['val_perplexity']:.2f}, " if "val_perplexity" in final else ""
-    out.print(f"[green]done[/]: {perplexity}val accuracy {final.get('val_accuracy', float('nan')):.2%}, "
+    if "val_perplexity" in final:
+        figures = f"val perplexity {final['val_perplexity']:.2f}, val token accuracy {final['val_token_accuracy']:.2%}"
+    else:
+        figures = f"val accuracy {final.get('val_accuracy', float('nan')):.2%}"
+    out.print(f"[green]done[/]: {figures}, "
               f"val loss {final.get('val_loss', float('nan')):.4f} after epoch {final.get('epoch', 0)}"
               + (f" in {outcome.seconds:.0f} s" if outcome.seconds else ""), highlight=False)
     pretrained = ", hf/ (save_pretrained)" if spec.model.kind == "hf" else ""

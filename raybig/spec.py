@@ -123,27 +123,117 @@ class _DataCommon(Strict):
         "auto: memory below 256 MB.")
     one_hot: bool = Field(default=False, description="One-hot targets (needed to train a classifier with mse).")
 
+    @property
+    def is_text(self) -> bool:
+        """Token windows for a language model, rather than samples with class labels."""
+        return False
+
+
+class TokenizerSpec(Strict):
+    """How text becomes token ids: a Hugging Face tokenizer from a directory, or a BPE trained on the data."""
+    path: str | None = Field(default=None, description="A directory holding tokenizer.json (or the file itself).")
+    train: Literal["bpe"] | None = Field(default=None, description="bpe: a byte-level BPE trained on the training "
+                                         "split, once (cached in RAYBIG_CACHE by the text and settings).")
+    vocab_size: int = Field(default=2048, ge=300, description="train: the vocabulary size, special tokens included.")
+    eos_token: str | None = Field(default=None, description="The end-of-text token put after each document; default "
+                                  "the tokenizer's own (<|endoftext|>, </s>, ...).")
+
+    @model_validator(mode="after")
+    def _one_way(self):
+        if (self.path is None) == (self.train is None):
+            raise ValueError("give either path (a directory with tokenizer.json) or train: bpe")
+        return self
+
+
+class _TextCommon(_DataCommon):
+    seq_len: int = Field(default=64, ge=2, description="Tokens per training window.")
+    tokenizer: TokenizerSpec | None = Field(
+        default=None, description="Default: a pretrained model directory's tokenizer.json where it has one, "
+        "else the text's characters are its tokens.")
+    on_error: Literal["fail", "skip"] = Field(default="fail", description="A row that cannot be read (bad JSON, a "
+                                              "missing field, undecodable text): fail names it; skip counts it.")
+
+    @property
+    def is_text(self) -> bool:
+        return True
+
 
 class DigitsData(_DataCommon):
     source: Literal["digits"]
 
 
-class TextData(_DataCommon):
+class TextData(_TextCommon):
     source: Literal["text"]
-    seq_len: int = Field(default=64, ge=2)
-    max_chars: int = Field(default=300_000, ge=1000)
+    path: str | None = Field(default=None, description="A text file, a directory of them or a glob; without it, "
+                             "Python's standard-library files named by modules.")
+    document: Literal["file", "line"] = Field(default="file", description="What one document is: a file, or "
+                                              "each non-empty line.")
+    max_chars: int = Field(default=300_000, ge=1000, description="The standard-library corpus's length.")
     modules: list[str] = Field(
         default=["argparse", "logging/__init__", "collections/__init__", "textwrap", "difflib", "inspect"],
         description="Python standard-library files (without .py) whose text forms the corpus.")
 
 
-class ParquetData(_DataCommon):
-    source: Literal["parquet"]
+class JsonlData(_TextCommon):
+    source: Literal["jsonl"]
+    path: str = Field(description="A .jsonl file (one JSON object per line), a directory of them or a glob.")
+    format: Literal["text", "prompt_completion", "chat"] = Field(
+        default="text", description="text: the field is a document; prompt_completion: the loss is on the "
+        "completion only; chat: messages rendered through the tokenizer's chat template, the loss on the "
+        "assistant's turns.")
+    field: str = Field(default="text", description="text: the field holding the document.")
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = Field(default="messages", description="chat: a list of {role, content}.")
+
+
+class _TableData(_DataCommon):
     path: str
     val_path: str | None = None
     label: str = "label"
     features: list[str] | None = Field(default=None, description="Feature columns; default every column but the label.")
     shape: list[Annotated[int, Field(gt=0)]] | None = Field(default=None, description="Per-sample shape, e.g. [8, 8].")
+    field: str | None = Field(default=None, description="A text column: its rows are documents for a language "
+                              "model (label and features are then not read).")
+    seq_len: int = Field(default=64, ge=2, description="field: tokens per training window.")
+    tokenizer: TokenizerSpec | None = Field(default=None, description="field: as data.tokenizer of source text.")
+    on_error: Literal["fail", "skip"] = Field(default="fail", description="A row with an empty or unreadable "
+                                              "value: fail names it; skip counts it.")
+
+    @property
+    def is_text(self) -> bool:
+        return self.field is not None
+
+
+class ParquetData(_TableData):
+    source: Literal["parquet"]
+
+
+class CsvData(_TableData):
+    source: Literal["csv"]
+    delimiter: str = Field(default=",", min_length=1, max_length=1)
+
+
+class HFDiskData(_TableData):
+    source: Literal["hf_disk"]
+    path: str = Field(description="A directory written by datasets' save_to_disk (a Dataset, or a DatasetDict "
+                      "whose validation or test split becomes the validation data).")
+
+
+class ImageAugment(Strict):
+    flip: bool = Field(default=False, description="Mirror each training image left-right with probability 1/2.")
+    crop_padding: int = Field(default=0, ge=0, description="Pad by this many pixels and crop back at a random offset.")
+
+
+class ImageFolderData(_DataCommon):
+    source: Literal["image_folder"]
+    path: str = Field(description="A directory with one subdirectory of images per class (the class names, sorted).")
+    val_path: str | None = Field(default=None, description="The same layout for validation; default a split of path.")
+    size: tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]] | None = Field(
+        default=None, description="[height, width] to resize to; default the images' own (which must agree).")
+    channels: Literal[1, 3] | None = Field(default=None, description="1 (grey) or 3 (RGB); default the first image's.")
+    augment: ImageAugment = Field(default_factory=ImageAugment, description="Training images only.")
+    on_error: Literal["fail", "skip"] = Field(default="fail", description="An image that cannot be decoded.")
 
 
 class SyntheticData(_DataCommon):
@@ -155,7 +245,8 @@ class SyntheticData(_DataCommon):
     seed: int = 0
 
 
-DataSpec = Annotated[Union[DigitsData, TextData, ParquetData, SyntheticData], Field(discriminator="source")]
+DataSpec = Annotated[Union[DigitsData, TextData, JsonlData, ParquetData, CsvData, HFDiskData, ImageFolderData,
+                           SyntheticData], Field(discriminator="source")]
 
 
 # ----------------------------------------------------------------------------- training
@@ -377,13 +468,16 @@ class PbtScheduler(Strict):
 
 SchedulerSpec = Annotated[Union[FifoScheduler, AshaScheduler, PbtScheduler], Field(discriminator="name")]
 METRIC_MODES = {"val_accuracy": "max", "val_f1": "max", "val_precision": "max", "val_recall": "max",
-                "val_loss": "min", "train_loss": "min", "val_perplexity": "min"}
+                "val_loss": "min", "train_loss": "min", "val_perplexity": "min", "val_token_accuracy": "max"}
+CLASSIFIER_METRICS = ("val_accuracy", "val_f1", "val_precision", "val_recall")
 
 
 class SweepSpec(Strict):
     """What `raybig sweep` searches: each trial is a full run of this spec with the sampled values set."""
     metric: Literal["val_accuracy", "val_f1", "val_precision", "val_recall", "val_loss", "train_loss",
-                    "val_perplexity"] = Field(default="val_accuracy", description="val_perplexity: language models only.")
+                    "val_perplexity", "val_token_accuracy"] = Field(
+        default="val_accuracy", description="val_perplexity and val_token_accuracy: language models (whose default "
+        "is val_loss); val_accuracy, val_f1, val_precision, val_recall: classifiers.")
     mode: Literal["max", "min"] | None = Field(default=None, description="Default: max for accuracy, F1, precision "
                                                "and recall; min for losses and perplexity.")
     space: dict[str, Dimension] = Field(min_length=1, description="Dotted spec paths (as --set takes them), e.g. "
@@ -446,19 +540,26 @@ class JobSpec(Strict):
             problems.append(("train.regularization.dropout", "a Hugging Face model takes its dropout from its "
                              "config (e.g. model.config.attention_dropout)"))
         if self.model.kind == "python":
-            is_lm = self.data.source == "text"  # the user's module takes whichever the data is
+            is_lm = self.data.is_text  # the user's module takes whichever the data is
             if self.train.regularization.dropout:
                 problems.append(("train.regularization.dropout", "a python model has the dropout its factory gives "
                                  "it; set it through model.args"))
-        if self.sweep is not None and self.sweep.metric == "val_perplexity" and not is_lm:
-            problems.append(("sweep.metric", "val_perplexity is a language model's metric; this model is a classifier"))
+        if self.sweep is not None and self.sweep.metric in ("val_perplexity", "val_token_accuracy") and not is_lm:
+            problems.append(("sweep.metric", f"{self.sweep.metric} is a language model's metric; this model is a "
+                             "classifier"))
+        if self.sweep is not None and is_lm and "metric" not in self.sweep.model_fields_set:
+            self.sweep.metric = "val_loss"  # the default, val_accuracy, is a classifier's
+        if self.sweep is not None and self.sweep.metric in CLASSIFIER_METRICS and is_lm:
+            problems.append(("sweep.metric", f"{self.sweep.metric} is a classifier's metric; a language model "
+                             "reports val_loss, val_perplexity and val_token_accuracy"))
         if self.train.loss == "mse" and not self.data.one_hot:
             problems.append(("train.loss", "mse on a classifier needs one-hot targets: set data.one_hot: true, "
                              "or use cross_entropy"))
-        if is_lm != (self.data.source == "text"):
+        if is_lm != self.data.is_text:
             problems.append(("data.source" if is_lm else "model.task",
-                             "a char-level language model (transformer with task: lm, or hf with task: causal_lm) "
-                             "trains on data.source: text, and text data needs such a model"))
+                             "a language model (transformer with task: lm, or hf with task: causal_lm) trains on "
+                             "text (data.source text or jsonl, or a table's text column by data.field), and text "
+                             "needs such a model"))
         if is_lm and self.train.loss == "mse":
             problems.append(("train.loss", "the language model trains with cross_entropy"))
         problems += _pipeline_problems(self)

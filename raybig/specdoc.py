@@ -13,7 +13,12 @@ SECTIONS = [
     ("model: kind lstm", S.LSTMSpec, "model"), ("model: kind transformer", S.TransformerSpec, "model"),
     ("model: kind python (your own module, docs/models.md)", S.PythonModelSpec, "model"),
     ("data: source digits", S.DigitsData, "data"), ("data: source text", S.TextData, "data"),
-    ("data: source parquet", S.ParquetData, "data"), ("data: source synthetic", S.SyntheticData, "data"),
+    ("data: source jsonl", S.JsonlData, "data"), ("data: source parquet", S.ParquetData, "data"),
+    ("data: source csv", S.CsvData, "data"), ("data: source hf_disk", S.HFDiskData, "data"),
+    ("data: source image_folder", S.ImageFolderData, "data"),
+    ("data.augment (image_folder)", S.ImageAugment, "data.augment"),
+    ("data.tokenizer (text, jsonl, a table's text field)", S.TokenizerSpec, "data.tokenizer"),
+    ("data: source synthetic", S.SyntheticData, "data"),
     ("train", S.TrainSpec, "train"),
     *[(f"train.optimizer: name {m.model_fields['name'].annotation.__args__[0]}", m, "train.optimizer")
       for m in (S.SGD, S.Momentum, S.AdaGrad, S.RMSprop, S.Adam, S.AdamW)],

@@ -182,7 +182,7 @@ class SyncedRunStore(RunStore):
 
 
 # ----------------------------------------------------------------------------- serving a run from a store
-MODEL_FILES = ("model.json", "model.safetensors", "spec.yaml")
+MODEL_FILES = ("model.json", "model.safetensors", "spec.yaml", "tokenizer.json")
 
 
 def local_model(run: str | Path, files: tuple[str, ...] = MODEL_FILES) -> Path:

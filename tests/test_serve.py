@@ -1,6 +1,5 @@
 """A real Serve application on loopback, real HTTP: predictions, versions, batching, bad input, auth."""
 import json
-import math
 import subprocess
 import sys
 import urllib.error
@@ -54,13 +53,37 @@ def server(ray_local, tmp_path_factory, monkeypatch_module):
     fit(lm_spec, bundle.meta, WorkerEnv(0, 1, torch.device("cpu"), MemorySource(bundle.train.x, bundle.train.y, 64, 0, 1, 0),
                                         MemorySource(bundle.val.x, bundle.val.y, 64, 0, 1, 0)), lm_store)
     lm_store.write_spec(lm_spec.to_yaml())
-    for store in (v1, v2, lm_store):
+    qa_store = bpe_lm(out)
+    for store in (v1, v2, lm_store, qa_store):
         with_serve_section(store)
     entries = [entry_from_arg(f"digits:v2={v2.root}"), entry_from_arg(f"digits:v1={v1.root}"),
-               entry_from_arg(str(lm_store.root))]
+               entry_from_arg(str(lm_store.root)), entry_from_arg(str(qa_store.root))]
     url = start(entries, "127.0.0.1", PORT)
-    yield {"url": url, "v1": v1.root, "v2": v2.root}
+    yield {"url": url, "v1": v1.root, "v2": v2.root, "qa": qa_store.root}
     serve.shutdown()
+
+
+def bpe_lm(out):
+    """A language model on prompt/completion rows with a BPE tokenizer, kept in its run as `raybig run` keeps it."""
+    from raybig.data import samples
+    from raybig.data.loader import MemorySource
+    from raybig.train.checkpoint import RunStore
+    from raybig.train.loop import WorkerEnv, fit
+    from raybig.train.runner import keep_tokenizer
+
+    samples.write_text(out / "data", samples.docstrings())
+    spec = parse_spec({"name": "qa-lm", "model": {"kind": "transformer", "task": "lm", "dim": 32, "heads": 2,
+                                                   "layers": 1},
+                       "data": {"source": "jsonl", "path": str(out / "data" / "qa.jsonl"), "format": "prompt_completion",
+                                "seq_len": 32, "tokenizer": {"train": "bpe", "vocab_size": 400}},
+                       "train": {"epochs": 3, "batch_size": 32}})
+    bundle = load(spec.data)
+    store = RunStore(out / "qa")
+    fit(spec, bundle.meta, WorkerEnv(0, 1, torch.device("cpu"), MemorySource(bundle.train.x, bundle.train.y, 32, 0, 1, 0),
+                                     MemorySource(bundle.val.x, bundle.val.y, 32, 0, 1, 0)), store)
+    keep_tokenizer(store, bundle.meta)
+    store.write_spec(spec.to_yaml())
+    return store
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +201,33 @@ def test_language_model_generates(server):
     status, reply = call(url, {"prompt": "\u2603 snowman"})
     assert status == 422 and "never saw" in reply["detail"]
     assert call(f"{server['url']}/v1/models/digits/generate", {"prompt": "x"})[0] == 422
+
+
+def test_a_model_with_its_own_tokenizer_completes_as_its_greedy_decoding_does(server):
+    """The run's tokenizer.json turns the prompt into ids and the ids back into text; the end-of-text token
+    ends the completion (finish_reason stop), as it ended each training document."""
+    from tokenizers import Tokenizer
+
+    model, info = load_trained_model(server["qa"])
+    tokenizer = Tokenizer.from_file(str(server["qa"] / "tokenizer.json"))
+    eos = tokenizer.token_to_id(info["data"]["eos_token"])
+    for prompt in ("What does heapq.heappush do?\n", "What does textwrap.dedent do?\n", "Wha"):
+        ids, new = tokenizer.encode(prompt, add_special_tokens=False).ids, []
+        while len(new) < 40:
+            with torch.no_grad():
+                token = int(model(torch.tensor([(ids + new)[-32:]]))[0, -1].argmax())
+            if token == eos:
+                break
+            new.append(token)
+        status, reply = call(f"{server['url']}/v1/completions", {"model": "qa-lm", "prompt": prompt,
+                                                                 "max_tokens": 40, "temperature": 0})
+        assert status == 200, reply
+        choice = reply["choices"][0]
+        assert choice["text"] == tokenizer.decode(new)
+        assert choice["finish_reason"] == ("stop" if len(new) < 40 else "length")
+        assert reply["usage"]["prompt_tokens"] == len(ids)
+    status, reply = call(f"{server['url']}/v1/models/qa-lm/generate", {"prompt": "\u2603 snowman", "max_new_tokens": 4})
+    assert status == 200  # a byte-level tokenizer has a token for every text
 
 
 def test_health_and_openapi(server):

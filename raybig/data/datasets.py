@@ -1,11 +1,14 @@
-"""Built-in and user datasets, all local: nothing is downloaded at run time.
+"""Every data source, local, nothing downloaded at run time, becomes the same thing: inputs `x` with a
+per-sample shape and integer targets `y` (class indices; for a language model the next tokens, -100 where
+the loss is off), split into train and validation with a fixed seed so every run (and every data-parallel
+degree) sees the same split.
 
-Every source becomes the same thing: float (or token) inputs `x` with a per-sample shape and
-integer targets `y`, split into train and validation with a fixed seed so every run (and every
-data-parallel degree) sees the same split.
+Built in: the 8x8 digits, Python's standard-library text, synthetic points. Yours: text files, JSONL,
+CSV, Parquet, a `datasets` directory, a folder of images (raybig.data.documents, .tables, .images).
 """
 from __future__ import annotations
 
+import functools
 import os
 import sysconfig
 from dataclasses import dataclass, field
@@ -15,8 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raybig.data.files import RowErrors
 from raybig.errors import SpecError
-from raybig.spec import DigitsData, ParquetData, SyntheticData, TextData
+from raybig.spec import DigitsData, SyntheticData
 
 SPLIT_SEED = 0
 DIGITS_ROWS = 1797
@@ -28,11 +32,20 @@ class DataMeta:
     task: str  # "classification" or "lm"
     shape: list[int]  # one sample's input shape
     num_classes: int  # classes, or the vocabulary size for the lm
-    vocab: str = ""  # lm only: the characters, in token order
-    extra: dict = field(default_factory=dict)
+    vocab: str = ""  # a char lm: the characters, in token order
+    tokenizer: str = ""  # an lm with a tokenizer.json: its digest (the file is kept in the run)
+    eos_token: str = ""
+    chat_template: str = ""  # the lm's, where its tokenizer brings one
+    labels: list[str] = field(default_factory=list)  # class names, where the data has them
+    skipped_rows: int = 0  # bad rows left out (data.on_error: skip)
+    extra: dict = field(default_factory=dict)  # not recorded: e.g. the tokenizer itself, for the driver
 
     def to_dict(self) -> dict:
-        return {"task": self.task, "shape": self.shape, "num_classes": self.num_classes, "vocab": self.vocab}
+        out = {"task": self.task, "shape": self.shape, "num_classes": self.num_classes, "vocab": self.vocab}
+        for key in ("tokenizer", "eos_token", "chat_template", "labels", "skipped_rows"):
+            if getattr(self, key):
+                out[key] = getattr(self, key)
+        return out
 
 
 @dataclass
@@ -61,26 +74,22 @@ def cache_dir() -> Path:
     return d
 
 
-# ----------------------------------------------------------------------------- describe (cheap, before Ray)
-def describe(spec) -> DataMeta:
-    """The data's shape and classes without loading it all; raises SpecError for missing files or columns."""
+# ----------------------------------------------------------------------------- describe (before Ray)
+def describe(spec, model=None) -> DataMeta:
+    """The data's task, shape and classes (raises SpecError for missing files, columns, bad rows). The
+    built-in sources know theirs; the others are read (once per process: load() then reuses them)."""
     if isinstance(spec, DigitsData):
         return DataMeta("classification", [8, 8], 10)
     if isinstance(spec, SyntheticData):
         return DataMeta("classification", [spec.features], spec.classes)
-    if isinstance(spec, TextData):
-        text = _corpus(spec)
-        return DataMeta("lm", [spec.seq_len], len(sorted(set(text))), vocab="".join(sorted(set(text))))
-    if isinstance(spec, ParquetData):
-        return _parquet_meta(spec)[0]
-    raise TypeError(spec)
+    return load(spec, model).meta
 
 
 def _stdlib_file(module: str) -> Path:
     return Path(sysconfig.get_paths()["stdlib"]) / f"{module}.py"
 
 
-def _corpus(spec: TextData) -> str:
+def _stdlib_corpus(spec) -> str:
     parts = []
     for i, module in enumerate(spec.modules):
         path = _stdlib_file(module)
@@ -93,52 +102,71 @@ def _corpus(spec: TextData) -> str:
     return text
 
 
-def _parquet_meta(spec: ParquetData) -> tuple[DataMeta, list[str]]:
-    for key in ("path", "val_path"):
-        value = getattr(spec, key)
-        if value is not None and not Path(value).exists():
-            raise SpecError(f"no such Parquet file or directory: {value}", f"data.{key}")
-    try:
-        schema = pq.read_schema(spec.path) if Path(spec.path).is_file() else pq.ParquetDataset(spec.path).schema
-    except (pa.ArrowInvalid, OSError) as err:
-        raise SpecError(f"{spec.path} is not readable as Parquet: {err}", "data.path") from None
-    names = schema.names
-    if spec.label not in names:
-        raise SpecError(f"column {spec.label!r} is not in {spec.path} (columns: {', '.join(names)})", "data.label")
-    features = spec.features or [n for n in names if n != spec.label]
-    for i, name in enumerate(features):
-        if name not in names:
-            raise SpecError(f"column {name!r} is not in {spec.path}", f"data.features.{i}")
-        if not (pa.types.is_integer(schema.field(name).type) or pa.types.is_floating(schema.field(name).type)):
-            raise SpecError(f"column {name!r} is {schema.field(name).type}, expected a number", f"data.features.{i}")
-    shape = spec.shape or [len(features)]
-    if int(np.prod(shape)) != len(features):
-        raise SpecError(f"shape {shape} holds {int(np.prod(shape))} values but there are {len(features)} features",
-                        "data.shape")
-    labels = pq.read_table(spec.path, columns=[spec.label]).column(0).to_numpy()
-    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
-        raise SpecError(f"column {spec.label!r} must hold class indices 0..C-1", "data.label")
-    return DataMeta("classification", shape, int(labels.max()) + 1), features
-
-
 # ----------------------------------------------------------------------------- load
-def load(spec) -> DataBundle:
+def load(spec, model=None) -> DataBundle:
+    """The whole data set in memory. `model` (the spec's model section) lends a pretrained model's tokenizer."""
     if isinstance(spec, DigitsData):
         x, y = _digits()
         return _bundle(DataMeta("classification", [8, 8], 10), x, y, spec.val_fraction)
     if isinstance(spec, SyntheticData):
         x, y = _synthetic(spec)
         return _bundle(describe(spec), x, y, spec.val_fraction)
-    if isinstance(spec, TextData):
-        return _text(spec)
-    if isinstance(spec, ParquetData):
-        meta, features = _parquet_meta(spec)
-        x, y = _read_parquet(spec.path, features, spec.label, meta.shape)
-        if spec.val_path:
-            vx, vy = _read_parquet(spec.val_path, features, spec.label, meta.shape)
-            return DataBundle(meta, Split(x, y), Split(vx, vy))
+    return _read(spec.model_dump_json(), type(spec), model.model_dump_json() if model is not None else None)
+
+
+@functools.lru_cache(maxsize=1)
+def _read(spec_json: str, spec_type, model_json: str | None) -> DataBundle:
+    """A source read from its files; kept for the next call with the same spec (describe, then load)."""
+    from pydantic import TypeAdapter
+
+    from raybig.spec import ModelSpec
+
+    spec = spec_type.model_validate_json(spec_json)
+    model = TypeAdapter(ModelSpec).validate_json(model_json) if model_json else None
+    errors = RowErrors(getattr(spec, "on_error", "fail"))
+    if spec.is_text:
+        from raybig.data.language import text_bundle
+
+        bundle = text_bundle(spec, model, errors)
+    elif spec.source == "image_folder":
+        bundle = _images(spec, errors)
+    else:
+        bundle = _table(spec, errors)
+    bundle.meta.skipped_rows = errors.skipped
+    return bundle
+
+
+def _table(spec, errors: RowErrors) -> DataBundle:
+    from raybig.data.tables import feature_arrays, read_tables
+
+    train, val = read_tables(spec, errors)
+    x, y, classes = feature_arrays(spec, train, spec.path, errors)
+    if val is None:
+        meta = _classes_meta(list(x.shape[1:]), y, None, classes, spec.path)
         return _bundle(meta, x, y, spec.val_fraction)
-    raise TypeError(spec)
+    vx, vy, _ = feature_arrays(spec, val, spec.val_path or f"{spec.path} (validation)", errors, classes or None)
+    return DataBundle(_classes_meta(list(x.shape[1:]), y, vy, classes, spec.path), Split(x, y), Split(vx, vy))
+
+
+def _images(spec, errors: RowErrors) -> DataBundle:
+    from raybig.data.images import read_image_folder
+
+    x, y, classes = read_image_folder(spec, spec.path, "data.path", errors)
+    meta = DataMeta("classification", list(x.shape[1:]), len(classes), labels=classes)
+    if spec.val_path is None:
+        return _bundle(meta, x, y, spec.val_fraction)
+    vx, vy, _ = read_image_folder(spec, spec.val_path, "data.val_path", errors, classes, tuple(x.shape[1:]))
+    return DataBundle(meta, Split(x, y), Split(vx, vy))
+
+
+def _classes_meta(shape: list[int], y: np.ndarray, val_y: np.ndarray | None, classes: list[str],
+                  name: str) -> DataMeta:
+    if len(y) == 0:
+        raise SpecError(f"{name} has no rows to train on", "data.path")
+    count = len(classes) or int(max(y.max(), val_y.max() if val_y is not None and len(val_y) else 0)) + 1
+    if count < 2:
+        raise SpecError(f"{name} has one class only; a classifier needs two or more", "data.label")
+    return DataMeta("classification", shape, count, labels=classes)
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:
@@ -167,20 +195,6 @@ def _synthetic(spec: SyntheticData) -> tuple[np.ndarray, np.ndarray]:
     y = rng.integers(0, spec.classes, size=spec.samples)
     x = centers[y] + rng.normal(0, spec.noise, size=(spec.samples, spec.features))
     return x.astype(np.float32), y.astype(np.int64)
-
-
-def _text(spec: TextData) -> DataBundle:
-    text = _corpus(spec)
-    vocab = "".join(sorted(set(text)))
-    ids = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-    lookup = {ord(c): i for i, c in enumerate(vocab)}
-    tokens = np.array([lookup[int(c)] for c in ids], dtype=np.int64)
-    n = (len(tokens) - 1) // spec.seq_len
-    x = tokens[: n * spec.seq_len].reshape(n, spec.seq_len)
-    y = tokens[1: n * spec.seq_len + 1].reshape(n, spec.seq_len)
-    n_val = max(1, int(n * spec.val_fraction))  # the tail of the text, so no window overlaps the train part
-    meta = DataMeta("lm", [spec.seq_len], len(vocab), vocab=vocab)
-    return DataBundle(meta, Split(x[:-n_val], y[:-n_val]), Split(x[-n_val:], y[-n_val:]))
 
 
 def _bundle(meta: DataMeta, x: np.ndarray, y: np.ndarray, val_fraction: float) -> DataBundle:

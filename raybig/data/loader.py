@@ -29,11 +29,13 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 class MemorySource:
-    def __init__(self, x, y, global_batch: int, rank: int, world: int, seed: int, eval_batch: int = 512):
+    def __init__(self, x, y, global_batch: int, rank: int, world: int, seed: int, eval_batch: int = 512,
+                 augment=None):
         self.x, self.y = torch.as_tensor(x), torch.as_tensor(y)
         self.global_batch, self.rank, self.world, self.seed = global_batch, rank, world, seed
         self.local = global_batch // world
         self.eval_batch = eval_batch
+        self.augment = augment  # (batch, its rows' indices, seed) -> batch: training images' flips and crops
 
     @property
     def steps_per_epoch(self) -> int:
@@ -44,7 +46,8 @@ class MemorySource:
         for step in range(self.steps_per_epoch):
             start = step * self.global_batch + self.rank * self.local
             idx = perm[start: start + self.local]
-            yield self.x[idx], self.y[idx]
+            x = self.x[idx]
+            yield (self.augment(x, idx, epoch_seed(self.seed, epoch)) if self.augment else x), self.y[idx]
 
     def eval_batches(self) -> Iterator[Batch]:
         x, y = self.x[self.rank:: self.world], self.y[self.rank:: self.world]
@@ -58,7 +61,12 @@ def memory_sources(spec, train_xy, val_xy, rank: int) -> tuple["MemorySource", "
     dp, stages = spec.parallelism.data, spec.parallelism.pipeline.stages
     batch, seed, replica = spec.train.batch_size, spec.train.seed, rank // stages
     eval_batch = batch // dp if stages > 1 else 512
-    return (MemorySource(*train_xy, batch, replica, dp, seed),
+    augment = None
+    if spec.data.source == "image_folder":
+        from raybig.data.images import Augment
+
+        augment = Augment(spec.data.augment, len(train_xy[1])) or None
+    return (MemorySource(*train_xy, batch, replica, dp, seed, augment=augment),
             MemorySource(*val_xy, batch, replica, dp, seed, eval_batch=eval_batch))
 
 

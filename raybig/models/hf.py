@@ -44,13 +44,9 @@ def _pretrained_config(model_spec, meta):
     if model_spec.task == "sequence_classification":
         config.num_labels = meta.num_classes  # a fresh head when the pretrained one has other classes
         return config
-    if config.vocab_size != meta.num_classes:
-        raise SpecError(f"{directory} has a vocabulary of {config.vocab_size} tokens but the data has "
+    if config.vocab_size < meta.num_classes:  # more is fine: configs often round the embedding up
+        raise SpecError(f"{directory} has a vocabulary of {config.vocab_size} tokens but the data's tokenizer has "
                         f"{meta.num_classes}", "model.pretrained")
-    vocab_file = directory / "raybig_vocab.json"
-    if vocab_file.is_file() and json.loads(vocab_file.read_text())["vocab"] != meta.vocab:
-        raise SpecError(f"{directory} was trained on other characters than this data's (the characters are the "
-                        "tokens): fine-tune on text with the same character set", "model.pretrained")
     return config
 
 
@@ -159,7 +155,8 @@ class HFCausalLM(HFModel):
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """transformers' own causal-LM loss, given targets already shifted by the data (y[t] = x[t + 1])."""
         return self.hf.loss_function(logits=logits, labels=None, vocab_size=self.hf.config.vocab_size,
-                                     shift_labels=targets.contiguous())
+                                     shift_labels=targets.contiguous(),
+                                     num_items_in_batch=(targets != -100).sum().clamp(min=1))  # 0, not NaN
 
     def raybig_parts(self) -> list[Part]:
         return self._decoder_parts("lm_head", self.hf.lm_head)
@@ -206,9 +203,11 @@ def write_pretrained(directory: Path, model_spec, meta, weights: Path) -> None:
     tmp.mkdir(parents=True)
     hf_config(model_spec, meta).save_pretrained(tmp)
     shutil.copyfile(weights, tmp / "model.safetensors")  # published with the metadata transformers reads
-    if meta.task == "lm":
+    if meta.task == "lm" and meta.tokenizer:
+        _tokenizer_with(meta).save_pretrained(tmp)  # tokenizer.json, its config and chat_template.jinja
+    elif meta.task == "lm":
         (tmp / "raybig_vocab.json").write_text(json.dumps({"vocab": meta.vocab}))
-        char_tokenizer(meta.vocab, DEFAULT_CHAT_TEMPLATE).save_pretrained(tmp)  # with chat_template.jinja
+        char_tokenizer(meta.vocab, meta.chat_template or DEFAULT_CHAT_TEMPLATE).save_pretrained(tmp)
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)
 
@@ -226,3 +225,13 @@ def char_tokenizer(vocab: str, chat_template: str):
     return fast
 
 
+
+
+def _tokenizer_with(meta):
+    """The run's own tokenizer as transformers keeps one, with its end-of-text token and chat template."""
+    from tokenizers import Tokenizer
+
+    fast = transformers().PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(meta.extra["tokenizer_json"]),
+                                                  eos_token=meta.eos_token)
+    fast.chat_template = meta.chat_template or DEFAULT_CHAT_TEMPLATE
+    return fast

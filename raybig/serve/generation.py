@@ -58,12 +58,16 @@ def token_stream(model: torch.nn.Module, prompt: list[int], sampling: Sampling, 
                 tokens.append(token)
 
 
-def text_stream(pieces: Iterator[str], stop: tuple[str, ...]) -> Iterator[tuple[str, str | None]]:
+def text_stream(pieces: Iterator[str | None], stop: tuple[str, ...]) -> Iterator[tuple[str, str | None]]:
     """(text, finish_reason) pieces of a continuation: text as soon as no stop string can still begin in it,
-    and a last piece whose finish_reason is "stop" (a stop string was generated; it is left out) or "length"."""
+    and a last piece whose finish_reason is "stop" (a stop string was generated, or None came: the model's
+    end of text; neither is part of the text) or "length"."""
     held = ""
     longest = max((len(s) for s in stop), default=0)
     for piece in pieces:
+        if piece is None:
+            yield held, "stop"
+            return
         held += piece
         hits = [i for i in (held.find(s) for s in stop) if i >= 0]
         if hits:

@@ -180,7 +180,7 @@ def run_sweep(spec, *, resume: bool = False, fresh: bool = False, address: str |
     root, sweep_dir = sweep_paths(spec)
     if spec.data.loader == "stream":
         raise SpecError("a sweep trial's ranks hold the data in memory; stream is for single runs", "data.loader")
-    meta = describe(spec.data)
+    meta = describe(spec.data, spec.model)
     check_plan(spec, meta, None if address else embedded_cpus(num_cpus))
     check_model_axes(spec, meta)
     tune_dir = sweep_dir / "tune"

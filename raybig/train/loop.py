@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from raybig.data.chat import DEFAULT_CHAT_TEMPLATE
+from raybig.data.documents import IGNORE
 from raybig.models import build_model
 from raybig.train.checkpoint import RunStore
 from raybig.train.metrics import confusion, from_confusion
@@ -54,7 +55,8 @@ def loss_fn(spec, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     targets = targets.reshape(-1)
     if spec.train.loss == "mse":
         return F.mse_loss(logits, F.one_hot(targets, classes).float())
-    return F.cross_entropy(logits, targets)
+    # the mean over the targets the loss is on, and 0 (not NaN) for a window of prompt tokens only
+    return F.cross_entropy(logits, targets, reduction="sum") / (targets != IGNORE).sum().clamp(min=1)
 
 
 def _sum_across_ranks(tensor: torch.Tensor, env: WorkerEnv) -> torch.Tensor:
@@ -66,24 +68,38 @@ def _sum_across_ranks(tensor: torch.Tensor, env: WorkerEnv) -> torch.Tensor:
     return tensor
 
 
-def evaluate(spec, layout, env: WorkerEnv, classes: int, criterion) -> dict[str, float]:
-    """Validation loss and metrics, computed where the model's output is and summed over all ranks."""
+def evaluate(spec, layout, env: WorkerEnv, meta, criterion) -> dict[str, float]:
+    """Validation loss and metrics, computed where the model's output is and summed over all ranks: a
+    classifier's from its confusion matrix; a language model's per token (a vocabulary-sized confusion
+    matrix would not fit), over the targets the loss is on."""
     for module in layout.local:
         module.eval()
-    cm = torch.zeros(classes, classes, dtype=torch.long)
-    loss_sum, count = torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    lm, classes = meta.task == "lm", meta.num_classes
+    cm = torch.zeros(0 if lm else classes * classes, dtype=torch.long)
+    loss_sum, count, correct = (torch.zeros(1, dtype=torch.float64) for _ in range(3))
     for x, y in _in_step(env.val.eval_batches(), layout, env):
         x, y = x.to(env.device), y.to(env.device)
         out = layout.forward(x, y)
         if out is None or len(y) == 0:
             continue
-        n = y.numel()
+        counted = y != IGNORE
+        n = int(counted.sum())
+        if n == 0:
+            continue
         loss_sum += float(criterion(out, y)) * n
         count += n
-        cm += confusion(out.argmax(-1).cpu(), y.cpu(), classes)
-    totals = _sum_across_ranks(torch.cat([loss_sum, count, cm.reshape(-1).double()]), env)
-    metrics = from_confusion(totals[2:].reshape(classes, classes))
-    return {"val_loss": float(totals[0] / totals[1].clamp(min=1)), **{f"val_{k}": v for k, v in metrics.items()}}
+        preds = out.argmax(-1)
+        if lm:
+            correct += int((preds == y)[counted].sum())
+        else:
+            cm += confusion(preds.cpu(), y.cpu(), classes).reshape(-1)
+    totals = _sum_across_ranks(torch.cat([loss_sum, count, correct, cm.double()]), env)
+    val_loss = float(totals[0] / totals[1].clamp(min=1))
+    if lm:
+        return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 700.0)),
+                "val_token_accuracy": float(totals[2] / totals[1].clamp(min=1))}
+    metrics = from_confusion(totals[3:].reshape(classes, classes))
+    return {"val_loss": val_loss, **{f"val_{k}": v for k, v in metrics.items()}}
 
 
 def _in_step(batches, layout, env: WorkerEnv):
@@ -172,16 +188,17 @@ def fit(spec, meta, env: WorkerEnv, store: RunStore) -> list[dict]:
             "epoch": epoch,
             "step": step,
             "train_loss": float(step_losses.mean()),
-            **evaluate(spec, layout, env, meta.num_classes, criterion),
+            **evaluate(spec, layout, env, meta, criterion),
             "lr": scheduler.get_last_lr()[0],
             "samples_per_s": steps_per_epoch * t.batch_size / max(train_seconds, 1e-9),
             "train_seconds": train_seconds,
             "attempt": attempt,
             "step_losses": step_losses.tolist(),
         }
-        if meta.task == "lm":  # the language model's usual figures: exp of the mean token loss, tokens/s
-            record["val_perplexity"] = math.exp(min(record["val_loss"], 700.0))
+        if meta.task == "lm":
             record["tokens_per_s"] = record["samples_per_s"] * meta.shape[0]
+        if meta.skipped_rows:
+            record["skipped_rows"] = meta.skipped_rows
         _stop_if_diverged(record, history, t.divergence_factor)
         # what each rank really needs: its peak memory (MB), and the parameters it holds (a stage, a shard)
         record["peak_rss_mb"] = _per_rank(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, env)
@@ -262,7 +279,7 @@ def _save(spec, meta, store: RunStore, layout, optimizer, scheduler, record, his
                     "model": spec.model.model_dump(mode="json"),
                     "metrics": {k: v for k, v in record.items() if k != "step_losses"}}
             if meta.task == "lm":
-                info["chat_template"] = DEFAULT_CHAT_TEMPLATE
+                info["chat_template"] = meta.chat_template or DEFAULT_CHAT_TEMPLATE
             if spec.model.kind == "hf":
                 from raybig.models.hf import hf_config
 

@@ -68,7 +68,7 @@ COLUMNS = [("epoch", "epoch", "{:d}"), ("train_loss", "train loss", "{:.4f}"), (
 
 
 # a language model's accuracy is per token, and perplexity says more than precision and recall over a vocabulary
-LM_COLUMNS = [*COLUMNS[:3], ("val_perplexity", "val ppl", "{:.2f}"), ("val_accuracy", "val acc", "{:.2%}"),
+LM_COLUMNS = [*COLUMNS[:3], ("val_perplexity", "val ppl", "{:.2f}"), ("val_token_accuracy", "token acc", "{:.2%}"),
               ("tokens_per_s", "tokens/s", "{:,.0f}")]
 
 
@@ -136,7 +136,7 @@ def write_curves(root: Path, history: list[dict]) -> None:
     axes[1].plot(epochs, [r["val_loss"] for r in history], "o-", label="validation")
     axes[1].set(title="loss", xlabel="epoch")
     axes[1].legend()
-    for name in ("val_accuracy", "val_precision", "val_recall", "val_f1"):
+    for name in _present(history, "val_accuracy", "val_precision", "val_recall", "val_f1", "val_token_accuracy"):
         axes[2].plot(epochs, [r[name] for r in history], "o-", label=name[4:])
     axes[2].set(title="validation metrics", xlabel="epoch")
     axes[2].legend()
@@ -150,7 +150,13 @@ def write_curves(root: Path, history: list[dict]) -> None:
         for i, loss in enumerate(steps, 1):
             writer.add_scalar("train/step_loss", loss, i)
         for r in history:
-            for name in ("train_loss", "val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1", "lr",
-                         "samples_per_s", *(["val_perplexity"] if "val_perplexity" in r else [])):
+            for name in _present([r], "train_loss", "val_loss", "val_accuracy", "val_precision", "val_recall",
+                                 "val_f1", "val_perplexity", "val_token_accuracy", "lr", "samples_per_s",
+                                 "tokens_per_s"):
                 writer.add_scalar(name.replace("_", "/", 1) if name.startswith("val_") else f"train/{name}",
                                   r[name], r["epoch"])
+
+
+def _present(history: list[dict], *names: str) -> list[str]:
+    """The metrics every record has: a classifier's and a language model's differ."""
+    return [n for n in names if all(n in r for r in history)]

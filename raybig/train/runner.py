@@ -133,6 +133,26 @@ def prepare_store(spec: JobSpec, fresh: bool) -> tuple[RunStore, int]:
     return store, done
 
 
+def keep_tokenizer(store: RunStore, meta: DataMeta) -> None:
+    """A language model's tokenizer goes into its run (tokenizer.json), for serving and resuming; a run that
+    resumes must have been trained with the same one."""
+    import hashlib
+
+    from raybig.data.tokenizer import TOKENIZER_FILE
+
+    text = meta.extra.get("tokenizer_json")
+    if not text:
+        return
+    path = store.root / TOKENIZER_FILE
+    if store.latest() is not None and path.is_file() and \
+            hashlib.sha256(path.read_bytes()).hexdigest()[:16] != meta.tokenizer:
+        raise SpecError(f"{store.location} was trained with another tokenizer than this data gives; pass --fresh "
+                        "to start over, or choose another name", "data.tokenizer")
+    store.root.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    store.saved(TOKENIZER_FILE)
+
+
 def run(spec: JobSpec, *, address: str | None = None, num_cpus: float | None = None, fresh: bool = False,
         verbose: bool = False, console=None, on_item=None, prune_checkpoints: bool = True,
         fit_with=None, phases=None) -> RunOutcome:
@@ -149,13 +169,14 @@ def run(spec: JobSpec, *, address: str | None = None, num_cpus: float | None = N
     from raybig.train.progress import ProgressView, write_curves
 
     phases = phases or Phases()
-    meta = describe(spec.data)
+    meta = describe(spec.data, spec.model)
     check_plan(spec, meta, None if address else embedded_cpus(num_cpus))
     store, done = prepare_store(spec, fresh)
     if done >= spec.train.epochs:
         return RunOutcome(store, store.history(), resumed_from=done, already_complete=True)
     store.write_spec(spec.to_yaml())
-    bundle = load(spec.data)
+    bundle = load(spec.data, spec.model)
+    keep_tokenizer(store, bundle.meta)
     loader = pick_loader(spec, bundle)
     phases.mark("data and checks")
     started = time.perf_counter()
@@ -203,6 +224,7 @@ def loop_config(spec: JobSpec, bundle, loader: str, store: RunStore, board=None,
         # Data's actors, whose polling took CPU from the ranks for the whole run (docs/benchmarks.md, pipeline bubble)
         arrays = {"train": ray.put((bundle.train.x, bundle.train.y)), "val": ray.put((bundle.val.x, bundle.val.y))}
     return {"spec": spec.model_dump(mode="json"), "meta": bundle.meta.to_dict(), "loader": loader,
+            "tokenizer_json": bundle.meta.extra.get("tokenizer_json"),  # rank 0 writes it into hf/
             "store": store.location, "threads": max(1, int(spec.resources.cpus_per_worker)), "board": board,
             "train_rows": len(bundle.train), "val_rows": len(bundle.val), "arrays": arrays,
             "prune_checkpoints": prune_checkpoints}
@@ -210,7 +232,12 @@ def loop_config(spec: JobSpec, bundle, loader: str, store: RunStore, board=None,
 
 def pick_loader(spec: JobSpec, bundle) -> str:
     # the stages of one pipeline replica must see the same batches, which only the memory loader gives
-    return "memory" if spec.parallelism.pipeline.stages > 1 else choose_loader(spec.data.loader, bundle.nbytes)
+    loader = "memory" if spec.parallelism.pipeline.stages > 1 else choose_loader(spec.data.loader, bundle.nbytes)
+    augment = getattr(spec.data, "augment", None)
+    if loader == "stream" and augment is not None and (augment.flip or augment.crop_padding):
+        raise SpecError(f"flips and crops are drawn per image by the memory loader, but these {bundle.nbytes / 2**20:.0f} "
+                        "MB stream: set data.loader: memory, or leave data.augment out", "data.augment")
+    return loader
 
 
 def run_relaying(work, board, handle, name: str, stop=None) -> BaseException | None:

@@ -20,6 +20,8 @@ def run_rank(config: dict, rank: int, world: int, device: torch.device, shards: 
 
     spec = JobSpec.model_validate(config["spec"])
     meta = DataMeta(**config["meta"])
+    if config.get("tokenizer_json"):
+        meta.extra["tokenizer_json"] = config["tokenizer_json"]
     torch.set_num_threads(config["threads"])
     if shards is not None:
         batch, seed = spec.train.batch_size, spec.train.seed
