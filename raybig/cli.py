@@ -123,7 +123,8 @@ def run(
     where = outcome.store.location
     root = where if is_uri(where) else outcome.store.root  # an s3:// / gs:// run is named by its URI
     if outcome.already_complete:
-        err.print(f"{root} already holds all {spec.train.epochs} epochs (use --fresh to train again)")
+        trained = f"{spec.train.max_steps} steps" if spec.train.max_steps else f"{spec.train.epochs} epochs"
+        err.print(f"{root} already holds all {trained} (use --fresh to train again)")
         out.print(epoch_table(outcome.history[-1:]))
     final = outcome.final
     if "val_perplexity" in final:
@@ -131,7 +132,8 @@ def run(
     else:
         figures = f"val accuracy {final.get('val_accuracy', float('nan')):.2%}"
     out.print(f"[green]done[/]: {figures}, "
-              f"val loss {final.get('val_loss', float('nan')):.4f} after epoch {final.get('epoch', 0)}"
+              f"val loss {final.get('val_loss', float('nan')):.4f} after "
+              + (f"step {final.get('step', 0)}" if spec.train.max_steps else f"epoch {final.get('epoch', 0)}")
               + (f" in {outcome.seconds:.0f} s" if outcome.seconds else ""), highlight=False)
     pretrained = ", hf/ (save_pretrained)" if spec.model.kind == "hf" else ""
     out.print(f"model: {root}/model.safetensors\nrun:   {root}/ (spec.yaml, metrics.json, curves.png, "

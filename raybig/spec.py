@@ -312,6 +312,9 @@ class LRSchedule(Strict):
 
 class TrainSpec(Strict):
     epochs: int = Field(default=10, ge=1)
+    max_steps: int | None = Field(default=None, ge=1, description="Train this many optimizer steps, over as many "
+                                  "passes of the data as that takes; takes precedence over epochs. Raising it "
+                                  "continues a finished run.")
     batch_size: int = Field(default=64, ge=1, description="Global batch: split evenly over the data-parallel ranks.")
     loss: Literal["cross_entropy", "mse"] = "cross_entropy"
     optimizer: OptimizerSpec = Field(default_factory=lambda: AdamW(name="adamw"))
@@ -361,8 +364,17 @@ class ResourcesSpec(Strict):
     gpus_per_worker: float = Field(default=0.0, ge=0)
 
 
+class EvalSpec(Strict):
+    every_steps: int | None = Field(default=None, ge=1, description="Evaluate, and record the metrics, every this "
+                                    "many steps; default at the end of each epoch. The last step is always recorded.")
+    max_batches: int | None = Field(default=None, ge=1, description="Validation batches per rank at most: a fixed "
+                                    "sample of the validation split, for frequent evaluation of a large one.")
+
+
 class CheckpointSpec(Strict):
     every_epochs: int = Field(default=1, ge=1)
+    every_steps: int | None = Field(default=None, ge=1, description="Checkpoint every this many steps instead of "
+                                    "at epoch ends; a run stopped between two resumes at the very next batch.")
     keep: int = Field(default=2, ge=1, description="How many epoch checkpoints to keep (the newest).")
 
 
@@ -514,6 +526,7 @@ class JobSpec(Strict):
     model: ModelSpec
     data: DataSpec
     train: TrainSpec = Field(default_factory=TrainSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
     parallelism: ParallelismSpec = Field(default_factory=ParallelismSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
@@ -547,6 +560,9 @@ class JobSpec(Strict):
         if self.sweep is not None and self.sweep.metric in ("val_perplexity", "val_token_accuracy") and not is_lm:
             problems.append(("sweep.metric", f"{self.sweep.metric} is a language model's metric; this model is a "
                              "classifier"))
+        if self.sweep is not None and (self.train.max_steps or self.eval.every_steps or self.checkpoint.every_steps):
+            problems.append(("sweep", "sweep trials count epochs (their schedulers act at epoch ends): leave "
+                             "train.max_steps, eval.every_steps and checkpoint.every_steps out of a sweep"))
         if self.sweep is not None and is_lm and "metric" not in self.sweep.model_fields_set:
             self.sweep.metric = "val_loss"  # the default, val_accuracy, is a classifier's
         if self.sweep is not None and self.sweep.metric in CLASSIFIER_METRICS and is_lm:

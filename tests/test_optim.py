@@ -67,7 +67,7 @@ def test_lr_schedules():
     spec = parse_spec({"name": "x", "model": {"kind": "mlp"}, "data": {"source": "digits"},
                        "train": {"lr_schedule": {"name": "cosine", "warmup_steps": 10, "min_lr_ratio": 0.1}}})
     opt = torch.optim.SGD(params, lr=1.0)
-    sched = build_scheduler(opt, spec.train.lr_schedule, steps_per_epoch=10, epochs=10)
+    sched = build_scheduler(opt, spec.train.lr_schedule, steps_per_epoch=10, total_steps=100)
     lrs = []
     for _ in range(100):
         lrs.append(sched.get_last_lr()[0])
@@ -78,7 +78,7 @@ def test_lr_schedules():
     step = parse_spec({"name": "x", "model": {"kind": "mlp"}, "data": {"source": "digits"},
                        "train": {"lr_schedule": {"name": "step", "step_epochs": 2, "gamma": 0.5}}}).train.lr_schedule
     opt = torch.optim.SGD(params, lr=1.0)
-    sched = build_scheduler(opt, step, steps_per_epoch=5, epochs=6)
+    sched = build_scheduler(opt, step, steps_per_epoch=5, total_steps=30)
     for _ in range(10):
         opt.step()
         sched.step()
@@ -120,3 +120,48 @@ def test_a_loss_that_explodes_but_stays_finite_is_divergence_too(tmp_path):
     history, _ = train_locally(tmp_path / "b", epochs=1, optimizer={"name": "sgd", "lr": 1.0e4},
                                divergence_factor=None)  # the check can be turned off
     assert history[0]["train_loss"] > 100 * history[0]["step_losses"][0]
+
+
+def stepped(tmp_path, name, stop_after=None, **train):
+    """The digits MLP by steps (22 batches an epoch): records every 10 steps, checkpoints every 8, dropout
+    on (its masks must be drawn again the same after a resume). `stop_after`: stop at the first step past it."""
+    import threading
+
+    raw = {"name": name, "model": {"kind": "mlp", "hidden": [64]}, "data": {"source": "digits"},
+           "train": {"batch_size": 64, "seed": 0, "max_steps": 40, "regularization": {"dropout": 0.2},
+                     "lr_schedule": {"name": "cosine", "warmup_steps": 5}, **train},
+           "eval": {"every_steps": 10, "max_batches": 2}, "checkpoint": {"every_steps": 8, "keep": 2}}
+    spec = parse_spec(raw)
+    bundle = load(spec.data)
+    stop = threading.Event()
+
+    def progress(item):
+        if stop_after is not None and item["type"] == "step" and item["global_step"] > stop_after:
+            stop.set()
+
+    env = WorkerEnv(0, 1, torch.device("cpu"), MemorySource(bundle.train.x, bundle.train.y, 64, 0, 1, 0),
+                    MemorySource(bundle.val.x, bundle.val.y, 64, 0, 1, 0), progress=progress, stop=stop,
+                    attempt=f"{name}, {'stopping' if stop_after else 'to the end'}")
+    store = RunStore(tmp_path / name)
+    return fit(spec, bundle.meta, env, store), store
+
+
+def test_max_steps_counts_steps_across_epochs_and_a_stopped_run_resumes_at_the_next_batch(tmp_path):
+    straight, store = stepped(tmp_path, "straight")
+    assert [r["step"] for r in straight] == [10, 20, 30, 40] and [r["epoch"] for r in straight] == [1, 1, 2, 2]
+    assert [len(r["step_losses"]) for r in straight] == [10, 10, 10, 10]
+    assert straight[-1]["lr"] == pytest.approx(0.0, abs=1e-9)  # the cosine ends at max_steps, not at an epoch
+    assert [p.name for p in store.checkpoint_dirs()] == ["epoch-0001+0000010", "epoch-0001+0000018"]
+    # stopped after step 21 (the progress item of step 21 asks it to): the newest checkpoint is step 16,
+    # with steps 11 to 16 trained but not yet recorded; the resumed run trains from step 17 on
+    stopped, store = stepped(tmp_path, "stopped", stop_after=20)
+    assert [r["step"] for r in stopped] == [10, 20]
+    assert store.latest().name == "epoch-0000+0000016"
+    resumed, _ = stepped(tmp_path, "stopped")
+    assert [r["step"] for r in resumed] == [10, 20, 30, 40] and len({r["attempt"] for r in resumed}) == 2
+    for a, b in zip(resumed, straight):
+        assert a["step_losses"] == b["step_losses"]  # exactly: the same batches, masks and weights
+        assert a["val_loss"] == b["val_loss"]
+    # raising max_steps continues the finished run
+    more, _ = stepped(tmp_path, "straight", max_steps=50)
+    assert [r["step"] for r in more] == [10, 20, 30, 40, 50]

@@ -203,3 +203,28 @@ def test_compile_is_applied_from_outside_to_blocks_or_to_what_each_rank_runs():
     other = build_model(spec.model, describe(spec.data), seed=0)
     layout = parallelize(other, spec, env, None, None)
     assert layout.local[0] is other and other._compiled_call_impl is not None
+
+
+@pytest.mark.parametrize("layout", ["data 2", "pipeline 2"])
+def test_a_run_stopped_mid_epoch_resumes_at_the_very_next_batch(tmp_path, layout):
+    """max_steps ends a run 15 batches into its first epoch (22 batches); raising it resumes from that
+    checkpoint at batch 16, and the step losses are those of a run that never stopped."""
+    data, pipeline = (2, None) if layout == "data 2" else (1, {"stages": 2, "microbatches": 4, "schedule": "1f1b"})
+
+    def steps(name, max_steps):
+        raw = job(tmp_path, name, data=data, pipeline=pipeline)
+        raw["train"]["max_steps"] = max_steps
+        return {**raw, "eval": {"every_steps": 10}, "checkpoint": {"every_steps": 10}}
+
+    run_local(steps("r", 15), tmp_path / "r")
+    assert [p.name for p in RunStore(tmp_path / "r").checkpoint_dirs()] == ["epoch-0000+0000010", "epoch-0000+0000015"]
+    run_local(steps("r", 35), tmp_path / "r")
+    run_local(steps("s", 35), tmp_path / "s")
+    resumed, straight = RunStore(tmp_path / "r").history(), RunStore(tmp_path / "s").history()
+    assert [r["step"] for r in resumed] == [10, 15, 20, 30, 35] and [r["step"] for r in straight] == [10, 20, 30, 35]
+    assert [r["epoch"] for r in straight] == [1, 1, 2, 2]  # the epoch each record was taken in
+    assert len({r["attempt"] for r in resumed}) == 2
+    np.testing.assert_allclose(losses_and_weights(tmp_path / "r")[0], losses_and_weights(tmp_path / "s")[0],
+                               rtol=1e-6)
+    for key, value in losses_and_weights(tmp_path / "s")[1].items():
+        torch.testing.assert_close(losses_and_weights(tmp_path / "r")[1][key], value, rtol=1e-6, atol=1e-7)

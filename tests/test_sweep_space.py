@@ -132,7 +132,7 @@ def test_a_loaded_optimizer_state_takes_the_specs_hyperparameters():
 
     w = torch.nn.Parameter(torch.ones(3))
     donor = build_optimizer([w], AdamW(name="adamw", lr=1e-3, weight_decay=0.1))
-    donor_sched = build_scheduler(donor, LRSchedule(name="step", step_epochs=1, gamma=0.5), 10, 4)
+    donor_sched = build_scheduler(donor, LRSchedule(name="step", step_epochs=1, gamma=0.5), 10, 40)
     for _ in range(12):
         w.grad = torch.ones(3)
         donor.step()
@@ -141,7 +141,7 @@ def test_a_loaded_optimizer_state_takes_the_specs_hyperparameters():
 
     w2 = torch.nn.Parameter(torch.ones(3))
     mine = build_optimizer([w2], AdamW(name="adamw", lr=4e-3, weight_decay=0.02))
-    sched = build_scheduler(mine, LRSchedule(name="step", step_epochs=1, gamma=0.5), 10, 4)
+    sched = build_scheduler(mine, LRSchedule(name="step", step_epochs=1, gamma=0.5), 10, 40)
     mine.load_state_dict(state)
     sched.load_state_dict(sched_state)
     assert mine.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5)  # what torch restores: the donor's

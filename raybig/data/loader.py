@@ -41,9 +41,10 @@ class MemorySource:
     def steps_per_epoch(self) -> int:
         return len(self.y) // self.global_batch  # the last partial batch is dropped, as every rank must step together
 
-    def train_batches(self, epoch: int) -> Iterator[Batch]:
+    def train_batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """The epoch's batches from the `start`-th on: a run resumed mid-epoch gets exactly the rest."""
         perm = torch.randperm(len(self.y), generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)))
-        for step in range(self.steps_per_epoch):
+        for step in range(start, self.steps_per_epoch):
             start = step * self.global_batch + self.rank * self.local
             idx = perm[start: start + self.local]
             x = self.x[idx]
@@ -87,11 +88,14 @@ class StreamSource:
         for batch in self.shard.iter_torch_batches(batch_size=size, drop_last=drop_last, **shuffle):
             yield batch["x"].reshape(-1, *self.shape), batch["y"]
 
-    def train_batches(self, epoch: int) -> Iterator[Batch]:
+    def train_batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """From the `start`-th batch on. Ray Data does not promise the same order twice, so a run resumed
+        mid-epoch skips as many batches, not necessarily the same ones."""
         for step, batch in enumerate(self._batches(self.local, epoch_seed(self.seed, epoch), drop_last=True)):
             if step == self.steps_per_epoch:
                 break
-            yield batch
+            if step >= start:
+                yield batch
 
     def eval_batches(self) -> Iterator[Batch]:
         yield from self._batches(self.eval_batch, None, drop_last=False)

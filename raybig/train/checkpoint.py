@@ -7,6 +7,7 @@
       metrics.json              one record per finished epoch
       checkpoints/epoch-0003/   model.safetensors (merged) and its model.json, part-K.safetensors and
                                 part-K-trainer.pt per pipeline rank K, meta.json
+      checkpoints/epoch-0003+0000120/   the same, 120 batches into the 4th epoch (checkpoint.every_steps)
 
 Writes go to a temporary name first and are renamed into place, so a crash mid-write never
 damages the last good checkpoint. Loading never unpickles arbitrary objects: weights are
@@ -57,21 +58,27 @@ class RunStore:
         return sorted(p for p in self.checkpoints.iterdir()
                       if p.name.startswith(CHECKPOINT_PREFIX) and (p / "meta.json").is_file())
 
-    def checkpoint_dir(self, epoch: int) -> Path:
-        return self.checkpoints / f"{CHECKPOINT_PREFIX}{epoch:04d}"
+    @staticmethod
+    def checkpoint_name(epoch: int, batch: int = 0) -> str:
+        """After `epoch` whole epochs and `batch` batches of the next: names sort in training order."""
+        return f"{CHECKPOINT_PREFIX}{epoch:04d}" + (f"+{batch:07d}" if batch else "")
+
+    def checkpoint_dir(self, epoch: int, batch: int = 0) -> Path:
+        return self.checkpoints / self.checkpoint_name(epoch, batch)
 
     @staticmethod
     def epoch_of(checkpoint: Path) -> int:
-        return int(checkpoint.name[len(CHECKPOINT_PREFIX):])
+        """The whole epochs trained at `checkpoint`."""
+        return int(checkpoint.name[len(CHECKPOINT_PREFIX):].split("+")[0])
 
     def latest(self) -> Path | None:
         dirs = self.checkpoint_dirs()
         return dirs[-1] if dirs else None
 
-    def pending_checkpoint(self, epoch: int) -> Path:
-        """Where the parts of an epoch checkpoint are written before it is renamed into place.
+    def pending_checkpoint(self, epoch: int, batch: int = 0) -> Path:
+        """Where the parts of a checkpoint are written before it is renamed into place.
         The name is fixed so that every rank finds it without talking to the others."""
-        return self.checkpoints / f".pending-{CHECKPOINT_PREFIX}{epoch:04d}"
+        return self.checkpoints / f".pending-{self.checkpoint_name(epoch, batch)}"
 
     @staticmethod
     def clear(path: Path) -> None:
@@ -96,8 +103,8 @@ class RunStore:
         save_file(model_state, str(pending / "model.safetensors"))
         (pending / "model.json").write_text(json.dumps(info, indent=1))  # a checkpoint can be published alone
         (pending / "meta.json").write_text(json.dumps(meta, indent=1))
-        final = self.checkpoint_dir(meta["epoch"])
-        if final.exists():  # the same epoch again after a restart: replace it
+        final = self.checkpoint_dir(meta["epoch"], meta.get("batch", 0))
+        if final.exists():  # the same point again after a restart: replace it
             shutil.rmtree(final)
         os.rename(pending, final)
         if keep is not None:
@@ -116,7 +123,7 @@ class RunStore:
         published model, under this run's `name`; returns the checkpoint's meta. A sweep trial continues
         from one this way, and a sweep's best trial becomes a run of its own."""
         meta = json.loads((checkpoint / "meta.json").read_text())
-        target = self.checkpoint_dir(meta["epoch"])
+        target = self.checkpoint_dir(meta["epoch"], meta.get("batch", 0))
         shutil.copytree(checkpoint, target)
         self.write_history(meta["history"])
         info = json.loads((target / "model.json").read_text())

@@ -3,6 +3,7 @@ applied from outside (`parallelize`) and the batch source it is handed, never th
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import resource
@@ -77,7 +78,7 @@ def evaluate(spec, layout, env: WorkerEnv, meta, criterion) -> dict[str, float]:
     lm, classes = meta.task == "lm", meta.num_classes
     cm = torch.zeros(0 if lm else classes * classes, dtype=torch.long)
     loss_sum, count, correct = (torch.zeros(1, dtype=torch.float64) for _ in range(3))
-    for x, y in _in_step(env.val.eval_batches(), layout, env):
+    for x, y in _in_step(itertools.islice(env.val.eval_batches(), spec.eval.max_batches), layout, env):
         x, y = x.to(env.device), y.to(env.device)
         out = layout.forward(x, y)
         if out is None or len(y) == 0:
@@ -121,8 +122,34 @@ def _autocast(spec, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.train.precision == "bf16")
 
 
+@dataclass
+class StepPlan:
+    """When a run stops, records its metrics and checkpoints, counted in optimizer steps."""
+    steps_per_epoch: int
+    total: int  # train.max_steps, or every step of train.epochs
+    record_every: int | None  # eval.every_steps; None: at each epoch's end
+    checkpoint_every: int | None  # checkpoint.every_steps; None: every checkpoint.every_epochs epochs
+    checkpoint_epochs: int
+
+    @classmethod
+    def of(cls, spec, steps_per_epoch: int) -> "StepPlan":
+        total = spec.train.max_steps or spec.train.epochs * steps_per_epoch
+        return cls(steps_per_epoch, total, spec.eval.every_steps, spec.checkpoint.every_steps,
+                   spec.checkpoint.every_epochs)
+
+    def records_at(self, step: int, epoch_end: bool) -> bool:
+        due = step % self.record_every == 0 if self.record_every else epoch_end
+        return due or step == self.total
+
+    def checkpoints_at(self, step: int, epoch: int, epoch_end: bool) -> bool:
+        due = step % self.checkpoint_every == 0 if self.checkpoint_every else \
+            epoch_end and epoch % self.checkpoint_epochs == 0
+        return due or step == self.total
+
+
 def fit(spec, meta, env: WorkerEnv, store: RunStore) -> list[dict]:
-    """Train from the newest checkpoint in `store` (or from scratch) to spec.train.epochs."""
+    """Train from the newest checkpoint in `store` (or from scratch) to train.max_steps or train.epochs. A
+    checkpoint taken mid-epoch resumes at the very next batch, with the step losses not yet recorded."""
     t, reg = spec.train, spec.train.regularization
     # Every rank builds the whole model from the same seed and keeps its part: identical initial
     # weights in every layout, which is what lets a pipeline run reproduce a single-process one.
@@ -131,10 +158,10 @@ def fit(spec, meta, env: WorkerEnv, store: RunStore) -> list[dict]:
     layout = parallelize(model, spec, env, criterion, lambda: _autocast(spec, env.device))
     params = parameters(layout)
     optimizer = build_optimizer(params, t.optimizer)
-    steps_per_epoch = env.train.steps_per_epoch
-    scheduler = build_scheduler(optimizer, t.lr_schedule, steps_per_epoch, t.epochs)
+    plan = StepPlan.of(spec, env.train.steps_per_epoch)
+    scheduler = build_scheduler(optimizer, t.lr_schedule, plan.steps_per_epoch, plan.total)
     history: list[dict] = []
-    start_epoch, step = 0, 0
+    epochs_done, batches_done, step, carried = 0, 0, 0, []
     latest = store.latest()
     if latest is not None:
         model_state, trainer_state, ckpt_meta = RunStore.load_checkpoint(latest, part=layout.mesh.pp_index)
@@ -146,23 +173,25 @@ def fit(spec, meta, env: WorkerEnv, store: RunStore) -> list[dict]:
         else:  # weights are layout-free; optimizer state is per stage (and per optimizer): start it afresh
             scheduler.last_epoch = ckpt_meta["step"]
         apply_spec_hyperparameters(optimizer, scheduler, t.optimizer)
-        start_epoch, step, history = ckpt_meta["epoch"], ckpt_meta["step"], ckpt_meta["history"]
+        epochs_done, step, history = ckpt_meta["epoch"], ckpt_meta["step"], ckpt_meta["history"]
+        batches_done, carried = ckpt_meta.get("batch", 0), ckpt_meta.get("unrecorded_losses", [])
     weights = [w for module in layout.local for w in penalized_weights(module)]
     attempt = env.attempt or time.strftime("%Y-%m-%dT%H:%M:%S")
-    dp = spec.parallelism.data
     if env.progress:  # set-up is done: where a run's fixed cost ends (raybig.phases)
         env.progress({"type": "ready", "at": time.time(), "pid": os.getpid()})
-
-    for epoch in range(start_epoch + 1, t.epochs + 1):
-        for module in layout.local:
-            module.train()
-        torch.manual_seed(t.seed * 7919 + epoch * 131 + env.rank)  # dropout masks: reproducible, distinct per rank
-        # on the device: writing a step's loss into it needs no host sync; it is read once, after the epoch
-        step_losses = torch.zeros(steps_per_epoch, dtype=torch.float64, device=env.device)
-        started = time.perf_counter()
-        for i, (x, y) in enumerate(env.train.train_batches(epoch)):
+    losses = StepLosses(carried)
+    zero = torch.zeros((), dtype=torch.float64, device=env.device)
+    epoch = epochs_done
+    started = time.perf_counter()
+    while step < plan.total:
+        epoch += 1
+        first = batches_done if epoch == epochs_done + 1 else 0
+        _train_mode(layout)
+        for i, (x, y) in enumerate(env.train.train_batches(epoch, start=first), start=first):
             if env.stop is not None and env.stop.is_set():  # its trial is over (one rank: no peer waits)
                 return history
+            # dropout masks: reproducible per step (so a resumed run draws the same), distinct per rank
+            torch.manual_seed(t.seed * 7919 + step * 131 + env.rank)
             if env.device.type == "cuda":  # a copy from pinned memory overlaps the step before it
                 x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
@@ -174,41 +203,83 @@ def fit(spec, meta, env: WorkerEnv, store: RunStore) -> list[dict]:
             optimizer.step()
             scheduler.step()
             step += 1
-            if loss is not None:
-                step_losses[i] = loss
-            if env.progress and (i % 10 == 0 or i == steps_per_epoch - 1):
-                env.progress({"type": "step", "epoch": epoch, "step": i + 1, "steps": steps_per_epoch,
+            losses.new.append(loss.detach().double() if loss is not None else zero)
+            epoch_end = i == plan.steps_per_epoch - 1
+            if env.progress and (i % 10 == 0 or epoch_end):
+                env.progress({"type": "step", "epoch": epoch, "step": i + 1, "steps": plan.steps_per_epoch,
+                              "global_step": step, "total_steps": plan.total,
                               "loss": float(loss) if loss is not None else float("nan"), "at": time.time()})
-        if env.device.type == "cuda":  # kernels run ahead of the host: time the work, not its launch
-            torch.cuda.synchronize(env.device)
-        train_seconds = time.perf_counter() - started
-        # only the ranks holding the model's output have a loss: one per data-parallel replica
-        step_losses = (_sum_across_ranks(step_losses, env) / dp).cpu()
-        record = {
-            "epoch": epoch,
-            "step": step,
-            "train_loss": float(step_losses.mean()),
-            **evaluate(spec, layout, env, meta, criterion),
-            "lr": scheduler.get_last_lr()[0],
-            "samples_per_s": steps_per_epoch * t.batch_size / max(train_seconds, 1e-9),
-            "train_seconds": train_seconds,
-            "attempt": attempt,
-            "step_losses": step_losses.tolist(),
-        }
-        if meta.task == "lm":
-            record["tokens_per_s"] = record["samples_per_s"] * meta.shape[0]
-        if meta.skipped_rows:
-            record["skipped_rows"] = meta.skipped_rows
-        _stop_if_diverged(record, history, t.divergence_factor)
-        # what each rank really needs: its peak memory (MB), and the parameters it holds (a stage, a shard)
-        record["peak_rss_mb"] = _per_rank(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, env)
-        record["parameters_per_rank"] = _per_rank(sum(local_numel(p) for p in params), env)
-        record["epoch_seconds"] = time.perf_counter() - started
-        history.append(record)
-        _save(spec, meta, store, layout, optimizer, scheduler, record, history, env)
-        if epoch in env.gate_epochs and epoch < t.epochs and not _trial_goes_on(epoch, env):
+            record = None
+            if plan.records_at(step, epoch_end):
+                record = _record(spec, meta, layout, env, criterion, scheduler, epoch, step, losses, started,
+                                 attempt, params, history)
+                history.append(record)
+                losses = StepLosses()
+                _train_mode(layout)  # evaluation left it in eval mode (dropout off)
+            if plan.checkpoints_at(step, epoch, epoch_end):
+                position = (epoch, 0) if epoch_end else (epoch - 1, i + 1)
+                newest = record or (history[-1] if history else None)
+                _checkpoint(spec, meta, store, layout, optimizer, scheduler, position, step, newest, history, losses,
+                            env)
+            if record is not None:
+                _report(record, history, store, env)
+                started = time.perf_counter()
+            if step == plan.total:
+                break
+        if epoch in env.gate_epochs and step < plan.total and not _trial_goes_on(epoch, env):
             break
     return history
+
+
+class StepLosses:
+    """The losses of the steps since the last record: those a resumed run carries from its checkpoint (already
+    averaged over the replicas), and this run's, kept on the device (writing one needs no host sync)."""
+
+    def __init__(self, carried: list[float] = ()):
+        self.carried, self.new = list(carried), []
+
+    def averaged(self, env: WorkerEnv, replicas: int) -> list[float]:
+        """Every step's loss averaged over the data-parallel replicas (a collective: every rank calls it).
+        Only the ranks holding the model's output have a loss, one per replica."""
+        new = (_sum_across_ranks(torch.stack(self.new), env) / replicas).tolist() if self.new else []
+        return self.carried + new
+
+
+def _train_mode(layout) -> None:
+    for module in layout.local:
+        module.train()
+
+
+def _record(spec, meta, layout, env, criterion, scheduler, epoch, step, losses, started, attempt, params,
+            history) -> dict:
+    """The metrics of the steps since the last record, and of the validation data now."""
+    if env.device.type == "cuda":  # kernels run ahead of the host: time the work, not its launch
+        torch.cuda.synchronize(env.device)
+    train_seconds = time.perf_counter() - started
+    # only the ranks holding the model's output have a loss: one per data-parallel replica
+    step_losses = torch.tensor(losses.averaged(env, spec.parallelism.data), dtype=torch.float64)
+    steps = len(step_losses)
+    record = {
+        "epoch": epoch,
+        "step": step,
+        "train_loss": float(step_losses.mean()),
+        **evaluate(spec, layout, env, meta, criterion),
+        "lr": scheduler.get_last_lr()[0],
+        "samples_per_s": steps * spec.train.batch_size / max(train_seconds, 1e-9),
+        "train_seconds": train_seconds,
+        "attempt": attempt,
+        "step_losses": step_losses.tolist(),
+    }
+    if meta.task == "lm":
+        record["tokens_per_s"] = record["samples_per_s"] * meta.shape[0]
+    if meta.skipped_rows:
+        record["skipped_rows"] = meta.skipped_rows
+    _stop_if_diverged(record, history, spec.train.divergence_factor)
+    # what each rank really needs: its peak memory (MB), and the parameters it holds (a stage, a shard)
+    record["peak_rss_mb"] = _per_rank(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, env)
+    record["parameters_per_rank"] = _per_rank(sum(local_numel(p) for p in params), env)
+    record["epoch_seconds"] = time.perf_counter() - started  # since the last record, evaluation included
+    return record
 
 
 def _trial_goes_on(epoch: int, env: WorkerEnv) -> bool:
@@ -259,45 +330,52 @@ def _barrier(env: WorkerEnv) -> None:
         dist.barrier()
 
 
-def _save(spec, meta, store: RunStore, layout, optimizer, scheduler, record, history, env) -> None:
-    """Each pipeline rank of the first data-parallel replica writes its part of an epoch checkpoint; rank 0
-    then merges the parts into one full model and renames the checkpoint into place."""
-    epoch, last = record["epoch"], record["epoch"] == spec.train.epochs
-    if epoch % spec.checkpoint.every_epochs == 0 or last:
-        pending = store.pending_checkpoint(epoch)
-        if env.rank == 0:
-            store.clear(pending)
-        _barrier(env)
-        # every rank: gathering a sharded model's (and optimizer's) state is a collective
-        state, optimizer_state = state_dict(layout), full_optimizer_state(layout, optimizer)
-        if layout.writes_part:
-            store.write_part(pending, layout.mesh.pp_index, state,
-                             {"optimizer": optimizer_state, "scheduler": scheduler.state_dict()})
-        _barrier(env)
-        if env.rank == 0:
-            info = {"name": spec.name, "kind": spec.model.kind, "epoch": epoch, "data": meta.to_dict(),
-                    "model": spec.model.model_dump(mode="json"),
-                    "metrics": {k: v for k, v in record.items() if k != "step_losses"}}
-            if meta.task == "lm":
-                info["chat_template"] = meta.chat_template or DEFAULT_CHAT_TEMPLATE
-            if spec.model.kind == "hf":
-                from raybig.models.hf import hf_config
+def _checkpoint(spec, meta, store: RunStore, layout, optimizer, scheduler, position, step, record, history,
+                losses, env) -> None:
+    """Each pipeline rank of the first data-parallel replica writes its part of a checkpoint; rank 0 then
+    merges the parts into one full model and renames the checkpoint into place. `position` is (whole epochs,
+    batches of the next one); the step losses not yet recorded go with it, so a resumed run records them."""
+    epochs, batch = position
+    pending = store.pending_checkpoint(epochs, batch)
+    if env.rank == 0:
+        store.clear(pending)
+    _barrier(env)
+    # every rank: gathering a sharded model's (and optimizer's) state is a collective
+    state, optimizer_state = state_dict(layout), full_optimizer_state(layout, optimizer)
+    unrecorded = losses.averaged(env, spec.parallelism.data)
+    if layout.writes_part:
+        store.write_part(pending, layout.mesh.pp_index, state,
+                         {"optimizer": optimizer_state, "scheduler": scheduler.state_dict()})
+    _barrier(env)
+    if env.rank != 0:
+        return
+    info = {"name": spec.name, "kind": spec.model.kind, "epoch": epochs, "step": step, "data": meta.to_dict(),
+            "model": spec.model.model_dump(mode="json"),
+            "metrics": {k: v for k, v in (record or {}).items() if k != "step_losses"}}
+    if meta.task == "lm":
+        info["chat_template"] = meta.chat_template or DEFAULT_CHAT_TEMPLATE
+    if spec.model.kind == "hf":
+        from raybig.models.hf import hf_config
 
-                info["hf_config"] = hf_config(spec.model, meta).to_dict()
-            publish = None
-            if getattr(spec.model, "lora", None):  # checkpoints hold the adapters; the merged model is served
-                from raybig.models.lora import merged_state
+        info["hf_config"] = hf_config(spec.model, meta).to_dict()
+    publish = None
+    if getattr(spec.model, "lora", None):  # checkpoints hold the adapters; the merged model is served
+        from raybig.models.lora import merged_state
 
-                publish = merged_state(layout.local[0])
-            store.finish_checkpoint(pending, {"epoch": epoch, "step": record["step"], "history": history,
-                                              "layout": _layout_key(spec), "optimizer": spec.train.optimizer.name,
-                                              "run": spec.name}, info,
-                                    keep=spec.checkpoint.keep if env.prune_checkpoints else None, publish=publish)
-            if last and spec.model.kind == "hf":
-                from raybig.models.hf import write_pretrained
+        publish = merged_state(layout.local[0])
+    store.finish_checkpoint(pending, {"epoch": epochs, "batch": batch, "step": step, "history": history,
+                                      "unrecorded_losses": unrecorded, "layout": _layout_key(spec),
+                                      "optimizer": spec.train.optimizer.name, "run": spec.name}, info,
+                            keep=spec.checkpoint.keep if env.prune_checkpoints else None, publish=publish)
+    if step == StepPlan.of(spec, env.train.steps_per_epoch).total and spec.model.kind == "hf":
+        from raybig.models.hf import write_pretrained
 
-                write_pretrained(store.root / "hf", spec.model, meta, store.root / "model.safetensors")
-                store.saved("hf")  # an object-store run uploads it
+        write_pretrained(store.root / "hf", spec.model, meta, store.root / "model.safetensors")
+        store.saved("hf")  # an object-store run uploads it
+
+
+def _report(record, history, store: RunStore, env) -> None:
+    """A new record: into metrics.json, and to the driver's progress view (or the sweep trial)."""
     if env.rank == 0:
         store.write_history(history)
         if env.progress:

@@ -61,9 +61,10 @@ def add_penalty_gradients(weights: list[torch.Tensor], l1: float, l2: float) -> 
             w.grad.add_(w, alpha=2 * l2)
 
 
-def build_scheduler(optimizer, schedule, steps_per_epoch: int, epochs: int):
-    """A per-step LambdaLR: optional linear warm-up, then constant, step decay or cosine to min_lr_ratio."""
-    total = max(1, steps_per_epoch * epochs)
+def build_scheduler(optimizer, schedule, steps_per_epoch: int, total_steps: int):
+    """A per-step LambdaLR: optional linear warm-up, then constant, step decay or cosine to min_lr_ratio at
+    `total_steps` (train.max_steps, or the steps of train.epochs)."""
+    total = max(1, total_steps)
 
     def factor(step: int) -> float:
         if schedule.warmup_steps and step < schedule.warmup_steps:

@@ -62,13 +62,14 @@ class ProgressBoard:
         self.items, self.words, self.refused = [], {}, False
 
 
-COLUMNS = [("epoch", "epoch", "{:d}"), ("train_loss", "train loss", "{:.4f}"), ("val_loss", "val loss", "{:.4f}"),
+COLUMNS = [("epoch", "epoch", "{:d}"), ("step", "step", "{:d}"), ("train_loss", "train loss", "{:.4f}"),
+           ("val_loss", "val loss", "{:.4f}"),
            ("val_accuracy", "val acc", "{:.2%}"), ("val_precision", "val prec", "{:.3f}"),
            ("val_recall", "val recall", "{:.3f}"), ("val_f1", "val f1", "{:.3f}"), ("samples_per_s", "samples/s", "{:,.0f}")]
 
 
 # a language model's accuracy is per token, and perplexity says more than precision and recall over a vocabulary
-LM_COLUMNS = [*COLUMNS[:3], ("val_perplexity", "val ppl", "{:.2f}"), ("val_token_accuracy", "token acc", "{:.2%}"),
+LM_COLUMNS = [*COLUMNS[:4], ("val_perplexity", "val ppl", "{:.2f}"), ("val_token_accuracy", "token acc", "{:.2%}"),
               ("tokens_per_s", "tokens/s", "{:,.0f}")]
 
 
@@ -83,15 +84,18 @@ def epoch_table(history: list[dict], title: str | None = None) -> Table:
 
 
 class ProgressView:
-    def __init__(self, spec, console: Console | None, resumed_from: int = 0):
+    def __init__(self, spec, console: Console | None, resumed_at: tuple[int, int] = (0, 0)):
         self.spec, self.console = spec, console or Console(stderr=True)
-        self.progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
-                                 MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
+        # a run of train.max_steps shows its steps; one of epochs, the steps of the epoch it is in
+        label = "step" if spec.train.max_steps else "epoch {task.fields[epoch]}/{task.fields[epochs]}"
+        self.progress = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
                                  console=self.console, transient=True)
         self.task = None
         self.header_done = False
-        if resumed_from:
-            self.console.print(f"[yellow]resuming from the checkpoint of epoch {resumed_from}[/]")
+        epochs, steps = resumed_at
+        if steps:
+            self.console.print(f"[yellow]resuming from the checkpoint at step {steps} ({epochs} whole epochs)[/]")
 
     def __enter__(self):
         self.progress.__enter__()
@@ -103,9 +107,11 @@ class ProgressView:
     def handle(self, item: dict) -> None:
         if item["type"] == "step":
             fields = {"epoch": item["epoch"], "epochs": self.spec.train.epochs, "loss": item["loss"]}
+            done, total = (item["global_step"], item["total_steps"]) if self.spec.train.max_steps else \
+                (item["step"], item["steps"])
             if self.task is None:
-                self.task = self.progress.add_task("train", total=item["steps"], **fields)
-            self.progress.update(self.task, completed=item["step"], total=item["steps"], **fields)
+                self.task = self.progress.add_task("train", total=total, **fields)
+            self.progress.update(self.task, completed=done, total=total, **fields)
         elif item["type"] == "epoch":
             table = epoch_table([item])
             table.show_header = not self.header_done
@@ -127,18 +133,18 @@ def write_curves(root: Path, history: list[dict]) -> None:
     import matplotlib.pyplot as plt
     from torch.utils.tensorboard import SummaryWriter
 
-    epochs = [r["epoch"] for r in history]
+    at = [r["step"] for r in history]  # records come at epoch ends, or every eval.every_steps
     steps = [s for r in history for s in r.get("step_losses", [])]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     axes[0].plot(range(1, len(steps) + 1), steps, lw=0.8)
     axes[0].set(title="train loss per step", xlabel="step")
-    axes[1].plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
-    axes[1].plot(epochs, [r["val_loss"] for r in history], "o-", label="validation")
-    axes[1].set(title="loss", xlabel="epoch")
+    axes[1].plot(at, [r["train_loss"] for r in history], "o-", label="train")
+    axes[1].plot(at, [r["val_loss"] for r in history], "o-", label="validation")
+    axes[1].set(title="loss", xlabel="step")
     axes[1].legend()
     for name in _present(history, "val_accuracy", "val_precision", "val_recall", "val_f1", "val_token_accuracy"):
-        axes[2].plot(epochs, [r[name] for r in history], "o-", label=name[4:])
-    axes[2].set(title="validation metrics", xlabel="epoch")
+        axes[2].plot(at, [r[name] for r in history], "o-", label=name[4:])
+    axes[2].set(title="validation metrics", xlabel="step")
     axes[2].legend()
     fig.tight_layout()
     fig.savefig(root / "curves.png", dpi=90)
@@ -154,7 +160,7 @@ def write_curves(root: Path, history: list[dict]) -> None:
                                  "val_f1", "val_perplexity", "val_token_accuracy", "lr", "samples_per_s",
                                  "tokens_per_s"):
                 writer.add_scalar(name.replace("_", "/", 1) if name.startswith("val_") else f"train/{name}",
-                                  r[name], r["epoch"])
+                                  r[name], r["step"])
 
 
 def _present(history: list[dict], *names: str) -> list[str]:

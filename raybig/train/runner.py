@@ -116,7 +116,7 @@ def _same_run(stored: dict, spec: JobSpec) -> list[str]:
     return [key for key in ("model", "data") if stored.get(key) != new[key]]
 
 
-def prepare_store(spec: JobSpec, fresh: bool) -> tuple[RunStore, int]:
+def prepare_store(spec: JobSpec, fresh: bool) -> tuple[RunStore, tuple[int, int]]:
     from raybig.store_io import join, open_run_store
 
     store = open_run_store(join(spec.output.dir, spec.name))  # a path, or an s3:// / gs:// URI
@@ -129,8 +129,22 @@ def prepare_store(spec: JobSpec, fresh: bool) -> tuple[RunStore, int]:
         if changed:
             raise SpecError(f"{store.location} holds a run with a different {' and '.join(changed)} section; "
                             "pass --fresh to start over, or choose another name", "name")
-    done = store.epoch_of(latest) if latest is not None else 0
-    return store, done
+    return store, resume_point(store)
+
+
+def resume_point(store: RunStore) -> tuple[int, int]:
+    """(whole epochs, steps) the newest checkpoint holds; (0, 0) without one."""
+    import json
+
+    latest = store.latest()
+    if latest is None:
+        return 0, 0
+    meta = json.loads((latest / "meta.json").read_text())
+    return meta["epoch"], meta["step"]
+
+
+def finished(spec: JobSpec, epochs: int, steps: int) -> bool:
+    return steps >= spec.train.max_steps if spec.train.max_steps else epochs >= spec.train.epochs
 
 
 def keep_tokenizer(store: RunStore, meta: DataMeta) -> None:
@@ -171,8 +185,8 @@ def run(spec: JobSpec, *, address: str | None = None, num_cpus: float | None = N
     phases = phases or Phases()
     meta = describe(spec.data, spec.model)
     check_plan(spec, meta, None if address else embedded_cpus(num_cpus))
-    store, done = prepare_store(spec, fresh)
-    if done >= spec.train.epochs:
+    store, (done, done_steps) = prepare_store(spec, fresh)
+    if finished(spec, done, done_steps):
         return RunOutcome(store, store.history(), resumed_from=done, already_complete=True)
     store.write_spec(spec.to_yaml())
     bundle = load(spec.data, spec.model)
@@ -187,7 +201,7 @@ def run(spec: JobSpec, *, address: str | None = None, num_cpus: float | None = N
         if on_item is not None:
             fit(spec, bundle, loader, store, RankMarks(phases, on_item, spec.train.epochs), prune_checkpoints)
         else:
-            with ProgressView(spec, console, resumed_from=done) as view:
+            with ProgressView(spec, console, resumed_at=(done, done_steps)) as view:
                 fit(spec, bundle, loader, store, RankMarks(phases, view.handle, spec.train.epochs),
                     prune_checkpoints)
         phases.mark("last step to results: evaluation, checkpoint, ranks end")
