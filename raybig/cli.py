@@ -129,6 +129,8 @@ def run(
     final = outcome.final
     if "val_perplexity" in final:
         figures = f"val perplexity {final['val_perplexity']:.2f}, val token accuracy {final['val_token_accuracy']:.2%}"
+    elif "val_mse" in final:
+        figures = f"val mse {final['val_mse']:.4g}, val mae {final['val_mae']:.4g}"
     else:
         figures = f"val accuracy {final.get('val_accuracy', float('nan')):.2%}"
     out.print(f"[green]done[/]: {figures}, "

@@ -128,6 +128,10 @@ class _DataCommon(Strict):
         """Token windows for a language model, rather than samples with class labels."""
         return False
 
+    @property
+    def is_regression(self) -> bool:
+        return False
+
 
 class TokenizerSpec(Strict):
     """How text becomes token ids: a Hugging Face tokenizer from a directory, or a BPE trained on the data."""
@@ -190,7 +194,11 @@ class JsonlData(_TextCommon):
 class _TableData(_DataCommon):
     path: str
     val_path: str | None = None
-    label: str = "label"
+    label: str = Field(default="label", description="The target column: class indices or names, or (task regression) "
+                       "numbers.")
+    task: Literal["classification", "regression"] = Field(
+        default="classification", description="regression: predict the label column's number (mse; MSE and MAE "
+        "reported).")
     features: list[str] | None = Field(default=None, description="Feature columns; default every column but the label.")
     shape: list[Annotated[int, Field(gt=0)]] | None = Field(default=None, description="Per-sample shape, e.g. [8, 8].")
     field: str | None = Field(default=None, description="A text column: its rows are documents for a language "
@@ -203,6 +211,10 @@ class _TableData(_DataCommon):
     @property
     def is_text(self) -> bool:
         return self.field is not None
+
+    @property
+    def is_regression(self) -> bool:
+        return self.task == "regression"
 
 
 class ParquetData(_TableData):
@@ -480,16 +492,18 @@ class PbtScheduler(Strict):
 
 SchedulerSpec = Annotated[Union[FifoScheduler, AshaScheduler, PbtScheduler], Field(discriminator="name")]
 METRIC_MODES = {"val_accuracy": "max", "val_f1": "max", "val_precision": "max", "val_recall": "max",
-                "val_loss": "min", "train_loss": "min", "val_perplexity": "min", "val_token_accuracy": "max"}
+                "val_loss": "min", "train_loss": "min", "val_perplexity": "min", "val_token_accuracy": "max",
+                "val_mse": "min", "val_mae": "min"}
 CLASSIFIER_METRICS = ("val_accuracy", "val_f1", "val_precision", "val_recall")
 
 
 class SweepSpec(Strict):
     """What `raybig sweep` searches: each trial is a full run of this spec with the sampled values set."""
     metric: Literal["val_accuracy", "val_f1", "val_precision", "val_recall", "val_loss", "train_loss",
-                    "val_perplexity", "val_token_accuracy"] = Field(
+                    "val_perplexity", "val_token_accuracy", "val_mse", "val_mae"] = Field(
         default="val_accuracy", description="val_perplexity and val_token_accuracy: language models (whose default "
-        "is val_loss); val_accuracy, val_f1, val_precision, val_recall: classifiers.")
+        "is val_loss); val_mse, val_mae: regression (default val_loss); val_accuracy, val_f1, val_precision, "
+        "val_recall: classifiers.")
     mode: Literal["max", "min"] | None = Field(default=None, description="Default: max for accuracy, F1, precision "
                                                "and recall; min for losses and perplexity.")
     space: dict[str, Dimension] = Field(min_length=1, description="Dotted spec paths (as --set takes them), e.g. "
@@ -563,12 +577,20 @@ class JobSpec(Strict):
         if self.sweep is not None and (self.train.max_steps or self.eval.every_steps or self.checkpoint.every_steps):
             problems.append(("sweep", "sweep trials count epochs (their schedulers act at epoch ends): leave "
                              "train.max_steps, eval.every_steps and checkpoint.every_steps out of a sweep"))
-        if self.sweep is not None and is_lm and "metric" not in self.sweep.model_fields_set:
+        regression = self.data.is_regression
+        if self.sweep is not None and (is_lm or regression) and "metric" not in self.sweep.model_fields_set:
             self.sweep.metric = "val_loss"  # the default, val_accuracy, is a classifier's
-        if self.sweep is not None and self.sweep.metric in CLASSIFIER_METRICS and is_lm:
-            problems.append(("sweep.metric", f"{self.sweep.metric} is a classifier's metric; a language model "
-                             "reports val_loss, val_perplexity and val_token_accuracy"))
-        if self.train.loss == "mse" and not self.data.one_hot:
+        if self.sweep is not None and self.sweep.metric in CLASSIFIER_METRICS and (is_lm or regression):
+            problems.append(("sweep.metric", f"{self.sweep.metric} is a classifier's metric; a "
+                             + ("language model reports val_loss, val_perplexity and val_token_accuracy" if is_lm
+                                else "regression reports val_loss, val_mse and val_mae")))
+        if self.sweep is not None and self.sweep.metric in ("val_mse", "val_mae") and not regression:
+            problems.append(("sweep.metric", f"{self.sweep.metric} is a regression's metric"))
+        if regression and "loss" not in self.train.model_fields_set:
+            self.train.loss = "mse"  # a regression's loss, unless the spec says otherwise (and is refused below)
+        if regression and self.train.loss != "mse":
+            problems.append(("train.loss", "a regression trains with mse"))
+        if self.train.loss == "mse" and not self.data.one_hot and not regression:
             problems.append(("train.loss", "mse on a classifier needs one-hot targets: set data.one_hot: true, "
                              "or use cross_entropy"))
         if is_lm != self.data.is_text:

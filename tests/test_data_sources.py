@@ -301,9 +301,9 @@ def test_validate_names_bad_data_with_exit_2_and_no_traceback(tmp_path):
 
 
 # ----------------------------------------------------------------------------- a language model's metrics
-def train_in_process(tmp_path, data_section, model=LM, epochs=1):
+def train_in_process(tmp_path, data_section, model=LM, epochs=1, **train):
     spec = parse_spec({"name": "x", "model": model, "data": data_section,
-                       "train": {"epochs": epochs, "batch_size": 16, "seed": 0}})
+                       "train": {"epochs": epochs, "batch_size": 16, "seed": 0, **train}})
     bundle = load(spec.data, spec.model)
     env = WorkerEnv(0, 1, torch.device("cpu"), MemorySource(bundle.train.x, bundle.train.y, 16, 0, 1, 0),
                     MemorySource(bundle.val.x, bundle.val.y, 16, 0, 1, 0))
@@ -359,3 +359,27 @@ def test_a_hugging_face_model_on_chats_keeps_its_tokenizer_and_template_for_tran
     x = torch.as_tensor(bundle.val.x[:2])
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=x).logits, model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_regression_on_a_numeric_column_reports_mse_and_mae(data, tmp_path):
+    section = {"source": "csv", "path": str(data / "diabetes.csv"), "label": "progression", "task": "regression"}
+    spec = parse_spec({"name": "x", "model": CLASSIFIER, "data": section,
+                       "sweep": {"space": {"train.optimizer.lr": {"choice": [1e-3, 1e-2]}}}})
+    assert spec.train.loss == "mse" and spec.sweep.metric == "val_loss"  # a regression's defaults
+    history, store, bundle = train_in_process(tmp_path, section, model=CLASSIFIER, epochs=20,
+                                              optimizer={"name": "adam", "lr": 1e-2})
+    assert bundle.meta.task == "regression" and bundle.meta.num_classes == 1 and bundle.val.y.dtype == np.float32
+    record = history[-1]
+    assert not {"val_accuracy", "val_precision", "val_recall", "val_f1"} & record.keys()
+    model, _ = load_trained_model(store.root)
+    with torch.no_grad():
+        predicted = model(torch.as_tensor(bundle.val.x)).reshape(-1).double()
+    error = predicted - torch.as_tensor(bundle.val.y).double()
+    assert record["val_mse"] == pytest.approx(float(error.pow(2).mean()), rel=1e-6) == record["val_loss"]
+    assert record["val_mae"] == pytest.approx(float(error.abs().mean()), rel=1e-6)
+    baseline = float(((bundle.val.y - bundle.train.y.mean()) ** 2).mean())  # predicting the mean
+    assert record["val_mse"] < 0.8 * baseline
+    err = spec_error({"source": "csv", "path": str(data / "digits.csv"), "task": "regression"}, CLASSIFIER)
+    assert err.problems[0][0] == "data.label" and "predicts a number" in str(err)
+    with pytest.raises(SpecError, match="train.loss: a regression trains with mse"):
+        parse_spec({"name": "x", "model": CLASSIFIER, "data": section, "train": {"loss": "cross_entropy"}})

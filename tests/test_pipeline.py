@@ -205,26 +205,23 @@ def test_compile_is_applied_from_outside_to_blocks_or_to_what_each_rank_runs():
     assert layout.local[0] is other and other._compiled_call_impl is not None
 
 
-@pytest.mark.parametrize("layout", ["data 2", "pipeline 2"])
-def test_a_run_stopped_mid_epoch_resumes_at_the_very_next_batch(tmp_path, layout):
-    """max_steps ends a run 15 batches into its first epoch (22 batches); raising it resumes from that
-    checkpoint at batch 16, and the step losses are those of a run that never stopped."""
-    data, pipeline = (2, None) if layout == "data 2" else (1, {"stages": 2, "microbatches": 4, "schedule": "1f1b"})
-
-    def steps(name, max_steps):
-        raw = job(tmp_path, name, data=data, pipeline=pipeline)
+def test_a_pipeline_run_stopped_mid_epoch_resumes_at_the_very_next_batch(tmp_path, single):
+    """max_steps ends a pipeline run 15 batches into its epoch (22 batches); raising it to 22 resumes from
+    that checkpoint at batch 16, and the run is the one-process run that never stopped. (Ray workers killed
+    mid-epoch, data 2 and data 2 x pipeline 2: tests/test_train_ray.py.)"""
+    def steps(max_steps):
+        raw = job(tmp_path, "r", pipeline={"stages": 2, "microbatches": 4, "schedule": "1f1b"})
         raw["train"]["max_steps"] = max_steps
         return {**raw, "eval": {"every_steps": 10}, "checkpoint": {"every_steps": 10}}
 
-    run_local(steps("r", 15), tmp_path / "r")
+    run_local(steps(15), tmp_path / "r")
     assert [p.name for p in RunStore(tmp_path / "r").checkpoint_dirs()] == ["epoch-0000+0000010", "epoch-0000+0000015"]
-    run_local(steps("r", 35), tmp_path / "r")
-    run_local(steps("s", 35), tmp_path / "s")
-    resumed, straight = RunStore(tmp_path / "r").history(), RunStore(tmp_path / "s").history()
-    assert [r["step"] for r in resumed] == [10, 15, 20, 30, 35] and [r["step"] for r in straight] == [10, 20, 30, 35]
-    assert [r["epoch"] for r in straight] == [1, 1, 2, 2]  # the epoch each record was taken in
-    assert len({r["attempt"] for r in resumed}) == 2
-    np.testing.assert_allclose(losses_and_weights(tmp_path / "r")[0], losses_and_weights(tmp_path / "s")[0],
-                               rtol=1e-6)
-    for key, value in losses_and_weights(tmp_path / "s")[1].items():
-        torch.testing.assert_close(losses_and_weights(tmp_path / "r")[1][key], value, rtol=1e-6, atol=1e-7)
+    run_local(steps(22), tmp_path / "r")
+    history = RunStore(tmp_path / "r").history()
+    assert [r["step"] for r in history] == [10, 15, 20, 22] and [r["epoch"] for r in history] == [1, 1, 1, 1]
+    assert len({r["attempt"] for r in history}) == 2
+    losses, weights = losses_and_weights(tmp_path / "r")
+    ref_losses, ref_weights = single
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
+    for key in ref_weights:
+        torch.testing.assert_close(weights[key], ref_weights[key], rtol=1e-3, atol=1e-5)

@@ -53,22 +53,46 @@ def server(ray_local, tmp_path_factory, monkeypatch_module):
     fit(lm_spec, bundle.meta, WorkerEnv(0, 1, torch.device("cpu"), MemorySource(bundle.train.x, bundle.train.y, 64, 0, 1, 0),
                                         MemorySource(bundle.val.x, bundle.val.y, 64, 0, 1, 0)), lm_store)
     lm_store.write_spec(lm_spec.to_yaml())
-    qa_store = bpe_lm(out)
-    for store in (v1, v2, lm_store, qa_store):
+    qa_store, regression_store = bpe_lm(out), regression(out)
+    for store in (v1, v2, lm_store, qa_store, regression_store):
         with_serve_section(store)
     entries = [entry_from_arg(f"digits:v2={v2.root}"), entry_from_arg(f"digits:v1={v1.root}"),
-               entry_from_arg(str(lm_store.root)), entry_from_arg(str(qa_store.root))]
+               entry_from_arg(str(lm_store.root)), entry_from_arg(str(qa_store.root)),
+               entry_from_arg(str(regression_store.root))]
     url = start(entries, "127.0.0.1", PORT)
-    yield {"url": url, "v1": v1.root, "v2": v2.root, "qa": qa_store.root}
+    yield {"url": url, "v1": v1.root, "v2": v2.root, "qa": qa_store.root, "regression": regression_store.root}
     serve.shutdown()
+
+
+def train_here(spec, store_dir, batch_size=32):
+    """`spec` trained by the one loop in this process into a run at store_dir, with its spec.yaml."""
+    from raybig.data.loader import MemorySource
+    from raybig.train.checkpoint import RunStore
+    from raybig.train.loop import WorkerEnv, fit
+
+    bundle = load(spec.data)
+    store = RunStore(store_dir)
+    fit(spec, bundle.meta, WorkerEnv(0, 1, torch.device("cpu"),
+                                     MemorySource(bundle.train.x, bundle.train.y, batch_size, 0, 1, 0),
+                                     MemorySource(bundle.val.x, bundle.val.y, batch_size, 0, 1, 0)), store)
+    store.write_spec(spec.to_yaml())
+    return store, bundle
+
+
+def regression(out):
+    """An MLP predicting scikit-learn's diabetes progression from a CSV's ten columns."""
+    from raybig.data import samples
+
+    samples.write_tables(out / "tables", samples.docstrings())
+    spec = parse_spec({"name": "diabetes", "model": {"kind": "mlp", "hidden": [16]},
+                       "data": {"source": "csv", "path": str(out / "tables" / "diabetes.csv"), "label": "progression",
+                                "task": "regression"}, "train": {"epochs": 2}})
+    return train_here(spec, out / "diabetes")[0]
 
 
 def bpe_lm(out):
     """A language model on prompt/completion rows with a BPE tokenizer, kept in its run as `raybig run` keeps it."""
     from raybig.data import samples
-    from raybig.data.loader import MemorySource
-    from raybig.train.checkpoint import RunStore
-    from raybig.train.loop import WorkerEnv, fit
     from raybig.train.runner import keep_tokenizer
 
     samples.write_text(out / "data", samples.docstrings())
@@ -77,12 +101,8 @@ def bpe_lm(out):
                        "data": {"source": "jsonl", "path": str(out / "data" / "qa.jsonl"), "format": "prompt_completion",
                                 "seq_len": 32, "tokenizer": {"train": "bpe", "vocab_size": 400}},
                        "train": {"epochs": 3, "batch_size": 32}})
-    bundle = load(spec.data)
-    store = RunStore(out / "qa")
-    fit(spec, bundle.meta, WorkerEnv(0, 1, torch.device("cpu"), MemorySource(bundle.train.x, bundle.train.y, 32, 0, 1, 0),
-                                     MemorySource(bundle.val.x, bundle.val.y, 32, 0, 1, 0)), store)
+    store, bundle = train_here(spec, out / "qa")
     keep_tokenizer(store, bundle.meta)
-    store.write_spec(spec.to_yaml())
     return store
 
 
@@ -289,3 +309,14 @@ def test_export_writes_a_serve_config_and_a_valid_rayservice(server, tmp_path):
     from raybig.serve.deploy import app as build
 
     assert build({"runs": [f"digits:v1={server['v1']}"]}) is not None
+
+
+def test_a_regression_answers_with_values(server):
+    model, _ = load_trained_model(server["regression"])
+    x = np.random.default_rng(0).normal(0, 0.05, size=(5, 10)).astype(np.float32)
+    status, reply = call(f"{server['url']}/v1/models/diabetes/predict", {"inputs": x.tolist()})
+    assert status == 200, reply
+    with torch.no_grad():
+        expected = model(torch.as_tensor(x)).reshape(-1).tolist()
+    assert [p["value"] for p in reply["predictions"]] == pytest.approx(expected, rel=1e-5)
+    assert "label" not in reply["predictions"][0]

@@ -29,9 +29,9 @@ DIGITS_ROWS = 1797
 @dataclass
 class DataMeta:
     """What a model and a server need to know about the data, recorded beside every checkpoint."""
-    task: str  # "classification" or "lm"
+    task: str  # "classification", "regression" or "lm"
     shape: list[int]  # one sample's input shape
-    num_classes: int  # classes, or the vocabulary size for the lm
+    num_classes: int  # the model's outputs: classes, the vocabulary size for the lm, 1 for a regression
     vocab: str = ""  # a char lm: the characters, in token order
     tokenizer: str = ""  # an lm with a tokenizer.json: its digest (the file is kept in the run)
     eos_token: str = ""
@@ -141,6 +141,12 @@ def _table(spec, errors: RowErrors) -> DataBundle:
 
     train, val = read_tables(spec, errors)
     x, y, classes = feature_arrays(spec, train, spec.path, errors)
+    if spec.is_regression:
+        meta = DataMeta("regression", list(x.shape[1:]), 1)
+        if val is None:
+            return _bundle(meta, x, y, spec.val_fraction)
+        vx, vy, _ = feature_arrays(spec, val, spec.val_path or f"{spec.path} (validation)", errors)
+        return DataBundle(meta, Split(x, y), Split(vx, vy))
     if val is None:
         meta = _classes_meta(list(x.shape[1:]), y, None, classes, spec.path)
         return _bundle(meta, x, y, spec.val_fraction)
@@ -198,8 +204,12 @@ def _synthetic(spec: SyntheticData) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _bundle(meta: DataMeta, x: np.ndarray, y: np.ndarray, val_fraction: float) -> DataBundle:
-    """A stratified split with a fixed seed: every run and every layout validates on the same rows."""
+    """A split with a fixed seed, stratified by class: every run and every layout validates on the same rows."""
     rng = np.random.default_rng(SPLIT_SEED)
+    if meta.task == "regression":  # numbers, not classes: a plain random split
+        val = np.sort(rng.permutation(len(y))[: max(1, round(len(y) * val_fraction))])
+        train = np.setdiff1d(np.arange(len(y)), val)
+        return DataBundle(meta, Split(x[train], y[train]), Split(x[val], y[val]))
     val_idx = []
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)

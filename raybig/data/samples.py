@@ -7,6 +7,7 @@
 - chat.jsonl             {"messages": [user, assistant]}: the same, as conversations
 - docs.parquet           a text column ("text")
 - digits.csv             the 8x8 digits, pixel columns p0..p63 and a label column of names ("zero", ...)
+- diabetes.csv           scikit-learn's diabetes table: ten features and a number to predict (regression)
 - digits_images/<name>/  the digits as 8x8 greyscale PNGs, one folder per class
 - docs_hf/               a datasets DatasetDict (train, validation) saved with save_to_disk
 """
@@ -66,11 +67,19 @@ def write_tables(root: Path, docs: dict) -> None:
     import pyarrow.parquet as pq
     from sklearn.datasets import load_digits
 
+    root.mkdir(parents=True, exist_ok=True)
     texts = [doc for entries in docs.values() for _, doc in entries]
     pq.write_table(pa.table({"text": texts, "length": [len(t) for t in texts]}), root / "docs.parquet")
     digits = load_digits()
     columns = {f"p{i}": digits.data[:, i].astype(np.float32) / 16.0 for i in range(64)}
     pacsv.write_csv(pa.table({**columns, "label": [DIGIT_NAMES[t] for t in digits.target]}), root / "digits.csv")
+    from sklearn.datasets import load_diabetes
+
+    diabetes = load_diabetes()
+    table = {name: diabetes.data[:, i].astype(np.float32) for i, name in enumerate(diabetes.feature_names)}
+    # the target scaled to about unit size, so a default learning rate suits it
+    pacsv.write_csv(pa.table({**table, "progression": (diabetes.target / 100.0).astype(np.float32)}),
+                    root / "diabetes.csv")
 
 
 def write_images(root: Path, per_class: int | None = None) -> None:

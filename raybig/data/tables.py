@@ -139,8 +139,16 @@ def feature_arrays(spec, table: pa.Table, name: str, errors: RowErrors,
     table = table.filter(pa.array(keep)) if not keep.all() else table
     x = np.stack([table.column(f).to_numpy().astype(np.float32) for f in features], axis=1) if len(table) \
         else np.zeros((0, len(features)), np.float32)
+    if spec.is_regression:
+        return x.reshape(len(x), *shape), _targets(table.column(spec.label), spec.label, name), []
     y, classes = _labels(table.column(spec.label), spec.label, name, classes)
     return x.reshape(len(x), *shape), y, classes
+
+
+def _targets(column, label: str, name: str) -> np.ndarray:
+    if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
+        raise SpecError(f"column {label!r} of {name} is {column.type}; a regression predicts a number", "data.label")
+    return column.to_numpy().astype(np.float32)
 
 
 def _labels(column, label: str, name: str, classes: list[str] | None) -> tuple[np.ndarray, list[str]]:

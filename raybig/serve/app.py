@@ -149,12 +149,16 @@ class ModelServer:
         # float list; the reply is serialized by orjson. PredictRequest/PredictResponse document it.
         inputs = parse_predict_body(await self._read(request))
         entry, model = self._entry(name, version or x_model_version)
-        if entry["info"]["data"]["task"] != "classification":
+        task = entry["info"]["data"]["task"]
+        if task == "lm":
             raise HTTPException(422, f"{name} is a language model: POST /v1/models/{name}/generate")
         x = as_batch(inputs, entry["info"]["data"]["shape"], entry["max_samples"])
-        probs = np.round(await model.predict(x), 6)
-        return _json({"model": name, "version": entry["version"], "predictions": [
-            {"label": int(p.argmax()), "probabilities": p} for p in probs]})
+        outputs = await model.predict(x)
+        if task == "regression":
+            predictions = [{"value": float(v[0])} for v in outputs]
+        else:
+            predictions = [{"label": int(p.argmax()), "probabilities": p} for p in np.round(outputs, 6)]
+        return _json({"model": name, "version": entry["version"], "predictions": predictions})
 
     @api.post("/v1/models/{name}/generate", response_model=GenerateResponse, openapi_extra=_body(GenerateRequest))
     async def generate(self, name: str, request: Request, version: str | None = Query(None),

@@ -28,7 +28,8 @@ class ServedModel:
     def _forward_batch(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         x = inputs[0] if len(inputs) == 1 else np.concatenate(inputs)
         with torch.no_grad():
-            probs = torch.softmax(self.model(torch.from_numpy(x)).float(), dim=-1).numpy()
+            out = self.model(torch.from_numpy(x)).float()
+        probs = (out if self.info["data"]["task"] == "regression" else torch.softmax(out, dim=-1)).numpy()
         bounds = np.cumsum([len(a) for a in inputs])[:-1]
         return np.split(probs, bounds)
 

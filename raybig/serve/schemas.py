@@ -13,8 +13,9 @@ class PredictRequest(BaseModel):
 
 
 class Prediction(BaseModel):
-    label: int
-    probabilities: list[float]
+    label: int | None = Field(default=None, description="A classifier's: the most likely class.")
+    probabilities: list[float] | None = None
+    value: float | None = Field(default=None, description="A regression's: the predicted number.")
 
 
 class PredictResponse(BaseModel):

@@ -23,7 +23,8 @@ from raybig.train.checkpoint import RunStore
 
 # Reported to Tune for every epoch: scalars only (per-step losses and per-rank lists stay in the store).
 REPORTED = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1",
-            "val_perplexity", "val_token_accuracy", "tokens_per_s", "lr", "samples_per_s", "epoch_seconds")
+            "val_perplexity", "val_token_accuracy", "val_mse", "val_mae", "tokens_per_s", "lr", "samples_per_s",
+            "epoch_seconds")
 
 
 def run_trial(config: dict, *, base: dict, space: dict, root: str, gates: list[int]) -> None:

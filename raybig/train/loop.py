@@ -51,6 +51,8 @@ class WorkerEnv:
 
 
 def loss_fn(spec, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    if spec.data.is_regression:
+        return F.mse_loss(outputs.reshape(-1).float(), targets.reshape(-1).float())
     classes = outputs.shape[-1]
     logits = outputs.reshape(-1, classes).float()
     targets = targets.reshape(-1)
@@ -75,6 +77,8 @@ def evaluate(spec, layout, env: WorkerEnv, meta, criterion) -> dict[str, float]:
     matrix would not fit), over the targets the loss is on."""
     for module in layout.local:
         module.eval()
+    if meta.task == "regression":
+        return _evaluate_regression(spec, layout, env, criterion)
     lm, classes = meta.task == "lm", meta.num_classes
     cm = torch.zeros(0 if lm else classes * classes, dtype=torch.long)
     loss_sum, count, correct = (torch.zeros(1, dtype=torch.float64) for _ in range(3))
@@ -101,6 +105,20 @@ def evaluate(spec, layout, env: WorkerEnv, meta, criterion) -> dict[str, float]:
                 "val_token_accuracy": float(totals[2] / totals[1].clamp(min=1))}
     metrics = from_confusion(totals[3:].reshape(classes, classes))
     return {"val_loss": val_loss, **{f"val_{k}": v for k, v in metrics.items()}}
+
+
+def _evaluate_regression(spec, layout, env: WorkerEnv, criterion) -> dict[str, float]:
+    """Mean squared and absolute errors over the validation rows (val_loss: the training loss, mse)."""
+    sums = torch.zeros(3, dtype=torch.float64)  # squared errors, absolute errors, rows
+    for x, y in _in_step(itertools.islice(env.val.eval_batches(), spec.eval.max_batches), layout, env):
+        out = layout.forward(x.to(env.device), y.to(env.device))
+        if out is None or len(y) == 0:
+            continue
+        error = out.reshape(-1).double().cpu() - y.reshape(-1).double()
+        sums += torch.stack([error.pow(2).sum(), error.abs().sum(), torch.tensor(float(len(error)), dtype=torch.float64)])
+    sums = _sum_across_ranks(sums, env)
+    mse, mae = (float(v) for v in sums[:2] / sums[2].clamp(min=1))
+    return {"val_loss": mse, "val_mse": mse, "val_mae": mae}
 
 
 def _in_step(batches, layout, env: WorkerEnv):

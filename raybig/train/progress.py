@@ -73,9 +73,14 @@ LM_COLUMNS = [*COLUMNS[:4], ("val_perplexity", "val ppl", "{:.2f}"), ("val_token
               ("tokens_per_s", "tokens/s", "{:,.0f}")]
 
 
+REGRESSION_COLUMNS = [*COLUMNS[:4], ("val_mse", "val mse", "{:.4g}"), ("val_mae", "val mae", "{:.4g}"),
+                      COLUMNS[-1]]
+
+
 def epoch_table(history: list[dict], title: str | None = None) -> Table:
     table = Table(title=title, show_edge=False, header_style="bold")
-    columns = LM_COLUMNS if history and "val_perplexity" in history[0] else COLUMNS
+    first = history[0] if history else {}
+    columns = LM_COLUMNS if "val_perplexity" in first else REGRESSION_COLUMNS if "val_mse" in first else COLUMNS
     for _, header, _ in columns:
         table.add_column(header, justify="right", width=10)  # fixed, so rows printed one at a time line up
     for record in history:
@@ -142,7 +147,8 @@ def write_curves(root: Path, history: list[dict]) -> None:
     axes[1].plot(at, [r["val_loss"] for r in history], "o-", label="validation")
     axes[1].set(title="loss", xlabel="step")
     axes[1].legend()
-    for name in _present(history, "val_accuracy", "val_precision", "val_recall", "val_f1", "val_token_accuracy"):
+    for name in _present(history, "val_accuracy", "val_precision", "val_recall", "val_f1", "val_token_accuracy",
+                         "val_mae"):
         axes[2].plot(at, [r[name] for r in history], "o-", label=name[4:])
     axes[2].set(title="validation metrics", xlabel="step")
     axes[2].legend()
@@ -157,7 +163,8 @@ def write_curves(root: Path, history: list[dict]) -> None:
             writer.add_scalar("train/step_loss", loss, i)
         for r in history:
             for name in _present([r], "train_loss", "val_loss", "val_accuracy", "val_precision", "val_recall",
-                                 "val_f1", "val_perplexity", "val_token_accuracy", "lr", "samples_per_s",
+                                 "val_f1", "val_perplexity", "val_token_accuracy", "val_mse", "val_mae", "lr",
+                                 "samples_per_s",
                                  "tokens_per_s"):
                 writer.add_scalar(name.replace("_", "/", 1) if name.startswith("val_") else f"train/{name}",
                                   r[name], r["step"])
