@@ -383,3 +383,40 @@ def test_a_regression_on_a_numeric_column_reports_mse_and_mae(data, tmp_path):
     assert err.problems[0][0] == "data.label" and "predicts a number" in str(err)
     with pytest.raises(SpecError, match="train.loss: a regression trains with mse"):
         parse_spec({"name": "x", "model": CLASSIFIER, "data": section, "train": {"loss": "cross_entropy"}})
+
+
+def test_tokenized_windows_are_cached_by_the_files_contents_and_reused(data, tmp_path, monkeypatch):
+    import shutil
+
+    from raybig.data import language
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(data / "docs", corpus)
+    section = {"source": "text", "path": str(corpus), "seq_len": 32, "tokenizer": {"train": "bpe", "vocab_size": 500}}
+    first, _ = bundle_of(section)
+
+    def entries():
+        return sorted(p.name for p in (tmp_path / "cache" / "tokens").iterdir())
+
+    assert len(entries()) == 1
+    # moved elsewhere, the same files are the same windows: read back, neither parsed nor tokenized
+    moved = tmp_path / "moved"
+    corpus.rename(moved)
+
+    def no_tokenizing(*args):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(language, "_tokenized", no_tokenizing)
+    datasets._read.cache_clear()
+    again, _ = bundle_of({**section, "path": str(moved)})
+    np.testing.assert_array_equal(again.train.x, first.train.x)
+    np.testing.assert_array_equal(again.val.y, first.val.y)
+    assert again.meta.extra["tokenizer_json"] == first.meta.extra["tokenizer_json"] and len(entries()) == 1
+    # an edited file, or other settings, are other windows
+    monkeypatch.undo()
+    monkeypatch.setenv("RAYBIG_CACHE", str(tmp_path / "cache"))
+    (moved / "heapq.txt").write_text((moved / "heapq.txt").read_text() + "\nOne more line.\n")
+    for changed in ({**section, "path": str(moved)}, {**section, "path": str(moved), "seq_len": 16}):
+        datasets._read.cache_clear()
+        bundle_of(changed)
+    assert len(entries()) == 3

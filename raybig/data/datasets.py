@@ -127,11 +127,8 @@ def _read(spec_json: str, spec_type, model_json: str | None) -> DataBundle:
     if spec.is_text:
         from raybig.data.language import text_bundle
 
-        bundle = text_bundle(spec, model, errors)
-    elif spec.source == "image_folder":
-        bundle = _images(spec, errors)
-    else:
-        bundle = _table(spec, errors)
+        return text_bundle(spec, model, errors)  # it counts its skipped rows (and caches the count)
+    bundle = _images(spec, errors) if spec.source == "image_folder" else _table(spec, errors)
     bundle.meta.skipped_rows = errors.skipped
     return bundle
 

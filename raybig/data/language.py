@@ -10,6 +10,18 @@ from raybig.errors import SpecError
 
 
 def text_bundle(spec, model, errors: RowErrors):
+    """The packed windows, from the token cache when these files and settings were tokenized before."""
+    from raybig.data import token_cache
+
+    key = token_cache.cache_key(spec, model)
+    bundle = token_cache.load(key)
+    if bundle is None:
+        bundle = _tokenized(spec, model, errors)
+        token_cache.store(key, bundle)
+    return bundle
+
+
+def _tokenized(spec, model, errors: RowErrors):
     from raybig.data.datasets import SPLIT_SEED, DataBundle, DataMeta, Split
 
     directory = tokenizer_directory(spec, model)
@@ -26,7 +38,7 @@ def text_bundle(spec, model, errors: RowErrors):
             raise
         raise SpecError(f"the text has {err}; the pretrained model's tokens are its characters",
                         "model.pretrained") from None
-    meta = DataMeta("lm", [spec.seq_len], tokenizer.vocab_size, chat_template=template)
+    meta = DataMeta("lm", [spec.seq_len], tokenizer.vocab_size, chat_template=template, skipped_rows=errors.skipped)
     if isinstance(tokenizer, CharTokenizer):
         meta.vocab = tokenizer.vocab
     else:
