@@ -44,15 +44,7 @@ def server(ray_local, tmp_path_factory, monkeypatch_module):
     lm_spec = parse_spec({"name": "tiny-lm", "model": {"kind": "transformer", "task": "lm", "dim": 32, "heads": 2,
                                                           "layers": 1},
                           "data": {"source": "text", "seq_len": 16, "max_chars": 4000}, "train": {"epochs": 1}})
-    from raybig.data.loader import MemorySource
-    from raybig.train.checkpoint import RunStore
-    from raybig.train.loop import WorkerEnv, fit
-
-    bundle = load(lm_spec.data)
-    lm_store = RunStore(out / "lm")
-    fit(lm_spec, bundle.meta, WorkerEnv(0, 1, torch.device("cpu"), MemorySource(bundle.train.x, bundle.train.y, 64, 0, 1, 0),
-                                        MemorySource(bundle.val.x, bundle.val.y, 64, 0, 1, 0)), lm_store)
-    lm_store.write_spec(lm_spec.to_yaml())
+    lm_store, _ = train_here(lm_spec, out / "lm", batch_size=64)
     qa_store, regression_store = bpe_lm(out), regression(out)
     for store in (v1, v2, lm_store, qa_store, regression_store):
         with_serve_section(store)

@@ -66,24 +66,20 @@ class SizeMismatch(ValueError):
 
 
 def _pixels(image, spec, shape: tuple[int, int, int] | None, file: Path) -> tuple[np.ndarray, tuple[int, int, int]]:
+    from PIL import Image
+
     channels = spec.channels or (shape[0] if shape else (1 if image.mode in ("1", "L", "I", "F", "I;16") else 3))
     image = image.convert("L" if channels == 1 else "RGB")
     if spec.size is not None:
         height, width = spec.size
         if image.size != (width, height):
-            image = image.resize((width, height), resample=_bilinear())
+            image = image.resize((width, height), resample=Image.Resampling.BILINEAR)
     elif shape is not None and (image.height, image.width) != shape[1:]:
         raise SizeMismatch(f"{file} is {image.height}x{image.width} but the first image is {shape[1]}x{shape[2]}: "
                            "set data.size: [height, width] to resize them all")
     array = np.asarray(image, dtype=np.float32) / 255.0
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
     return np.ascontiguousarray(array), tuple(array.shape)
-
-
-def _bilinear():
-    from PIL import Image
-
-    return Image.Resampling.BILINEAR
 
 
 class Augment:

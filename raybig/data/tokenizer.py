@@ -93,10 +93,15 @@ class HFTokenizer:
 
     @property
     def digest(self) -> str:
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+        return digest_of(self.to_json())
 
 
 Tokenizer = CharTokenizer | HFTokenizer
+
+
+def digest_of(tokenizer_json: str) -> str:
+    """What names a tokenizer in a run's model.json: its tokenizer.json's hash."""
+    return hashlib.sha256(tokenizer_json.encode()).hexdigest()[:16]
 
 
 def tokenizer_directory(data_spec, model_spec) -> Path | None:

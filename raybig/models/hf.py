@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from raybig.data.chat import DEFAULT_CHAT_TEMPLATE
+from raybig.data.documents import IGNORE
 from raybig.errors import SpecError
 from raybig.models.parts import NoParts, Part, module_part
 
@@ -156,7 +157,7 @@ class HFCausalLM(HFModel):
         """transformers' own causal-LM loss, given targets already shifted by the data (y[t] = x[t + 1])."""
         return self.hf.loss_function(logits=logits, labels=None, vocab_size=self.hf.config.vocab_size,
                                      shift_labels=targets.contiguous(),
-                                     num_items_in_batch=(targets != -100).sum().clamp(min=1))  # 0, not NaN
+                                     num_items_in_batch=(targets != IGNORE).sum().clamp(min=1))  # 0, not NaN
 
     def raybig_parts(self) -> list[Part]:
         return self._decoder_parts("lm_head", self.hf.lm_head)
@@ -223,8 +224,6 @@ def char_tokenizer(vocab: str, chat_template: str):
     fast = transformers().PreTrainedTokenizerFast(tokenizer_object=tokenizer)
     fast.chat_template = chat_template
     return fast
-
-
 
 
 def _tokenizer_with(meta):

@@ -82,7 +82,7 @@ def evaluate(spec, layout, env: WorkerEnv, meta, criterion) -> dict[str, float]:
     lm, classes = meta.task == "lm", meta.num_classes
     cm = torch.zeros(0 if lm else classes * classes, dtype=torch.long)
     loss_sum, count, correct = (torch.zeros(1, dtype=torch.float64) for _ in range(3))
-    for x, y in _in_step(itertools.islice(env.val.eval_batches(), spec.eval.max_batches), layout, env):
+    for x, y in _val_batches(spec, layout, env):
         x, y = x.to(env.device), y.to(env.device)
         out = layout.forward(x, y)
         if out is None or len(y) == 0:
@@ -110,7 +110,7 @@ def evaluate(spec, layout, env: WorkerEnv, meta, criterion) -> dict[str, float]:
 def _evaluate_regression(spec, layout, env: WorkerEnv, criterion) -> dict[str, float]:
     """Mean squared and absolute errors over the validation rows (val_loss: the training loss, mse)."""
     sums = torch.zeros(3, dtype=torch.float64)  # squared errors, absolute errors, rows
-    for x, y in _in_step(itertools.islice(env.val.eval_batches(), spec.eval.max_batches), layout, env):
+    for x, y in _val_batches(spec, layout, env):
         out = layout.forward(x.to(env.device), y.to(env.device))
         if out is None or len(y) == 0:
             continue
@@ -119,6 +119,11 @@ def _evaluate_regression(spec, layout, env: WorkerEnv, criterion) -> dict[str, f
     sums = _sum_across_ranks(sums, env)
     mse, mae = (float(v) for v in sums[:2] / sums[2].clamp(min=1))
     return {"val_loss": mse, "val_mse": mse, "val_mae": mae}
+
+
+def _val_batches(spec, layout, env: WorkerEnv):
+    """The validation batches this rank evaluates: eval.max_batches of them at most."""
+    return _in_step(itertools.islice(env.val.eval_batches(), spec.eval.max_batches), layout, env)
 
 
 def _in_step(batches, layout, env: WorkerEnv):
@@ -238,7 +243,7 @@ def fit(spec, meta, env: WorkerEnv, store: RunStore) -> list[dict]:
                 position = (epoch, 0) if epoch_end else (epoch - 1, i + 1)
                 newest = record or (history[-1] if history else None)
                 _checkpoint(spec, meta, store, layout, optimizer, scheduler, position, step, newest, history, losses,
-                            env)
+                            env, last=step == plan.total)
             if record is not None:
                 _report(record, history, store, env)
                 started = time.perf_counter()
@@ -349,7 +354,7 @@ def _barrier(env: WorkerEnv) -> None:
 
 
 def _checkpoint(spec, meta, store: RunStore, layout, optimizer, scheduler, position, step, record, history,
-                losses, env) -> None:
+                losses, env, last: bool) -> None:
     """Each pipeline rank of the first data-parallel replica writes its part of a checkpoint; rank 0 then
     merges the parts into one full model and renames the checkpoint into place. `position` is (whole epochs,
     batches of the next one); the step losses not yet recorded go with it, so a resumed run records them."""
@@ -385,7 +390,7 @@ def _checkpoint(spec, meta, store: RunStore, layout, optimizer, scheduler, posit
                                       "unrecorded_losses": unrecorded, "layout": _layout_key(spec),
                                       "optimizer": spec.train.optimizer.name, "run": spec.name}, info,
                             keep=spec.checkpoint.keep if env.prune_checkpoints else None, publish=publish)
-    if step == StepPlan.of(spec, env.train.steps_per_epoch).total and spec.model.kind == "hf":
+    if last and spec.model.kind == "hf":
         from raybig.models.hf import write_pretrained
 
         write_pretrained(store.root / "hf", spec.model, meta, store.root / "model.safetensors")

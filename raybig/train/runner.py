@@ -150,16 +150,13 @@ def finished(spec: JobSpec, epochs: int, steps: int) -> bool:
 def keep_tokenizer(store: RunStore, meta: DataMeta) -> None:
     """A language model's tokenizer goes into its run (tokenizer.json), for serving and resuming; a run that
     resumes must have been trained with the same one."""
-    import hashlib
-
-    from raybig.data.tokenizer import TOKENIZER_FILE
+    from raybig.data.tokenizer import TOKENIZER_FILE, digest_of
 
     text = meta.extra.get("tokenizer_json")
     if not text:
         return
     path = store.root / TOKENIZER_FILE
-    if store.latest() is not None and path.is_file() and \
-            hashlib.sha256(path.read_bytes()).hexdigest()[:16] != meta.tokenizer:
+    if store.latest() is not None and path.is_file() and digest_of(path.read_text(encoding="utf-8")) != meta.tokenizer:
         raise SpecError(f"{store.location} was trained with another tokenizer than this data gives; pass --fresh "
                         "to start over, or choose another name", "data.tokenizer")
     store.root.mkdir(parents=True, exist_ok=True)
