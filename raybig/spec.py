@@ -118,9 +118,13 @@ class _DataCommon(Strict):
     val_fraction: float = Field(default=0.2, gt=0, lt=1)
     loader: Literal["auto", "memory", "stream"] = Field(
         default="auto",
-        description="memory: each worker caches the (small) split and takes its slice of every global batch, "
-        "so any data degree sees the same batches; stream: Ray Data streams one shard per rank; "
-        "auto: memory below 256 MB.")
+        description="memory: each worker holds the split and takes its slice of every global batch; stream: "
+        "the split is written once as shards in RAYBIG_CACHE (a text or jsonl corpus tokenized there in "
+        "parallel by Ray Data, never held whole) and each rank reads its slice of the same global batches a "
+        "window at a time, resuming mid-epoch at the exact next batch; auto: stream when the data (a "
+        "text or jsonl corpus: its files) is larger than memory_mb.")
+    memory_mb: int = Field(default=256, ge=1, description="The data one process may hold: above it, auto "
+                           "streams; a streaming rank holds about this much (its shuffle window and the next).")
     one_hot: bool = Field(default=False, description="One-hot targets (needed to train a classifier with mse).")
 
     @property
@@ -643,9 +647,6 @@ def _pipeline_problems(spec: "JobSpec") -> list[tuple[str, str]]:
         if len(points) != pipe.total_stages - 1 or points != sorted(set(points)):
             out.append((f"{where}.split_points", f"expected {pipe.total_stages - 1} increasing block indices "
                         f"(where stages 2..{pipe.total_stages} begin), got {points}"))
-    if spec.data.loader == "stream":
-        out.append(("data.loader", "stream gives every worker its own shard, but the stages of one pipeline must "
-                    "see the same batch; use memory (or auto) with pipeline stages"))
     return out
 
 

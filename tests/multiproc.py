@@ -17,18 +17,19 @@ def free_port() -> int:
 
 def _worker(rank, world, port, raw, store_dir):
     from raybig.data.datasets import load
-    from raybig.data.loader import memory_sources
+    from raybig.data.loader import rank_sources
     from raybig.spec import parse_spec
     from raybig.store_io import open_run_store
     from raybig.train.loop import WorkerEnv, fit
+    from raybig.train.runner import pick_loader
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if world > 1:
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     spec = parse_spec(raw)
-    bundle = load(spec.data)
-    train, val = memory_sources(spec, (bundle.train.x, bundle.train.y), (bundle.val.x, bundle.val.y), rank)
+    _, bundle = pick_loader(spec, load(spec.data))  # data that streams: its shards in the cache
+    train, val = rank_sources(spec, bundle.train, bundle.val, rank)
     fit(spec, bundle.meta, WorkerEnv(rank, world, torch.device("cpu"), train, val), open_run_store(store_dir))
     if world > 1:
         dist.destroy_process_group()

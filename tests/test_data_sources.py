@@ -207,12 +207,12 @@ def test_an_image_folder_decodes_at_its_own_size_and_augments_the_same_for_any_r
                               "augment": {"flip": True, "crop_padding": 2}}, {"kind": "cnn"})
     assert bundle.meta.shape == [1, 8, 8] and bundle.meta.labels == sorted(samples.DIGIT_NAMES)
     assert bundle.train.x.min() >= 0 and bundle.train.x.max() <= 1 and bundle.train.x.max() > 0.9
-    from raybig.data.loader import memory_sources
+    from raybig.data.loader import rank_sources
 
     def batches(rank, world):
         raw = spec.model_dump(mode="json")
         raw["parallelism"]["data"] = world
-        source, _ = memory_sources(parse_spec(raw), (bundle.train.x, bundle.train.y), (bundle.val.x, bundle.val.y),
+        source, _ = rank_sources(parse_spec(raw), bundle.train, bundle.val,
                                    rank)
         return list(source.train_batches(epoch=1))
 

@@ -13,7 +13,7 @@ from conftest import RAY_CPUS
 from multiproc import run_local
 from raybig.cli import app
 from raybig.data.datasets import load
-from raybig.data.loader import memory_sources
+from raybig.data.loader import rank_sources
 from raybig.errors import SpecError
 from raybig.spec import parse_spec
 from raybig.train.checkpoint import RunStore, load_trained_model
@@ -46,7 +46,7 @@ def plain_transformers_losses(raw, steps: int) -> list[float]:
     """The reference: transformers' own model and loss in a plain loop over the batches raybig trains on."""
     spec = parse_spec(raw)
     bundle = load(spec.data)
-    source, _ = memory_sources(spec, (bundle.train.x, bundle.train.y), (bundle.val.x, bundle.val.y), rank=0)
+    source, _ = rank_sources(spec, bundle.train, bundle.val, rank=0)
     torch.manual_seed(SEED)
     config = transformers.AutoConfig.for_model(**{**LLAMA, "vocab_size": bundle.meta.num_classes})
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -133,7 +133,7 @@ def test_a_pretrained_directory_starts_where_its_run_ended(tmp_path, single):
     first = step_losses(tmp_path / "tuned")[0]
     spec = parse_spec(raw)
     bundle = load(spec.data)
-    source, _ = memory_sources(spec, (bundle.train.x, bundle.train.y), (bundle.val.x, bundle.val.y), rank=0)
+    source, _ = rank_sources(spec, bundle.train, bundle.val, rank=0)
     x, y = next(iter(source.train_batches(1)))
     model = transformers.AutoModelForCausalLM.from_pretrained(single / "hf")
     with torch.no_grad():
@@ -209,7 +209,7 @@ def test_sequence_classification_layouts_reproduce_transformers_on_token_ids(tmp
 
     spec = parse_spec(classifier_job(tmp_path, "one", token_classes))
     bundle = load(spec.data)
-    source, _ = memory_sources(spec, (bundle.train.x, bundle.train.y), (bundle.val.x, bundle.val.y), rank=0)
+    source, _ = rank_sources(spec, bundle.train, bundle.val, rank=0)
     torch.manual_seed(SEED)
     config = transformers.AutoConfig.for_model(**{**LLAMA, "vocab_size": 16, "num_labels": 3, "pad_token_id": 0})
     model = transformers.AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)

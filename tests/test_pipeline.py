@@ -225,3 +225,19 @@ def test_a_pipeline_run_stopped_mid_epoch_resumes_at_the_very_next_batch(tmp_pat
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
     for key in ref_weights:
         torch.testing.assert_close(weights[key], ref_weights[key], rtol=1e-3, atol=1e-5)
+
+
+def test_streamed_rows_train_data2_x_pipeline2_as_one_process_streaming_them(tmp_path, monkeypatch):
+    """data.loader stream: every stage of a replica reads that replica's slice of the same global batches from
+    the shards, so the layout reproduces one process reading the same shards."""
+    monkeypatch.setenv("RAYBIG_CACHE", str(tmp_path / "cache"))  # the processes' shards are this test's
+    streamed = {"source": "digits", "loader": "stream", "memory_mb": 1}
+    run_local({**job(tmp_path, "one"), "data": streamed}, tmp_path / "one")
+    data, pipeline = LAYOUTS["data2 x pipeline2"]
+    run_local({**job(tmp_path, "p", data=data, pipeline=pipeline), "data": streamed}, tmp_path / "p")
+    assert len(list((tmp_path / "cache" / "shards").glob("rows-*/train/*.arrow"))) >= 3
+    (losses, weights), (ref_losses, ref_weights) = losses_and_weights(tmp_path / "p"), losses_and_weights(tmp_path / "one")
+    assert len(losses) == len(ref_losses) >= 5
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
+    for key in ref_weights:
+        torch.testing.assert_close(weights[key], ref_weights[key], rtol=1e-3, atol=1e-5)

@@ -56,16 +56,20 @@ class Split:
     def __len__(self) -> int:
         return len(self.y)
 
+    @property
+    def nbytes(self) -> int:
+        return self.x.nbytes + self.y.nbytes
+
 
 @dataclass
 class DataBundle:
     meta: DataMeta
-    train: Split
+    train: Split  # or, for data that streams, a raybig.data.shards.ShardedSplit
     val: Split
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.train.x, self.train.y, self.val.x, self.val.y))
+        return self.train.nbytes + self.val.nbytes
 
 
 def cache_dir() -> Path:

@@ -30,37 +30,34 @@ class Document:
 
 def read_documents(spec, chat_template: str, errors: RowErrors) -> list[Document]:
     """Every document of a text source with a path, or a jsonl source, in file order."""
-    return _text_documents(spec, errors) if spec.source == "text" else _jsonl_documents(spec, chat_template, errors)
-
-
-def _text_documents(spec, errors: RowErrors) -> list[Document]:
     docs = []
-    for file in source_files(spec.path):
+    for file in source_files(spec.path, suffixes=document_suffixes(spec)):
         try:
             text = read_text(file)
         except BadRow as err:
             errors.bad(err)
             continue
-        pieces = [line for line in text.splitlines() if line.strip()] if spec.document == "line" else [text]
-        docs += [Document([(piece, True)]) for piece in pieces if piece]
+        docs += text_documents(spec, file, text, chat_template, errors)
     return docs
 
 
-def _jsonl_documents(spec, template: str, errors: RowErrors) -> list[Document]:
+def document_suffixes(spec) -> tuple[str, ...]:
+    return () if spec.source == "text" else (".jsonl", ".json", ".ndjson")
+
+
+def text_documents(spec, file, text: str, template: str, errors: RowErrors, first_line: int = 1) -> list[Document]:
+    """The documents of `text`, read from `file` (whole, or lines `first_line`.. of it)."""
+    if spec.source == "text":
+        pieces = [line for line in text.splitlines() if line.strip()] if spec.document == "line" else [text]
+        return [Document([(piece, True)]) for piece in pieces if piece]
     docs = []
-    for file in source_files(spec.path, suffixes=(".jsonl", ".json", ".ndjson")):
-        try:
-            text = read_text(file)
-        except BadRow as err:
-            errors.bad(err)
+    for row, line in enumerate(text.splitlines(), first_line):
+        if not line.strip():
             continue
-        for row, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                docs.append(_row_document(_json_object(line), spec, template))
-            except BadRow as err:
-                errors.bad(BadRow(f"{file}:{row}: {err}", err.field))
+        try:
+            docs.append(_row_document(_json_object(line), spec, template))
+        except BadRow as err:
+            errors.bad(BadRow(f"{file}:{row}: {err}", err.field))
     return docs
 
 
@@ -137,27 +134,32 @@ def split_documents(docs: list[Document], val_fraction: float, seed: int) -> tup
     return [d for i, d in enumerate(docs) if i not in val], [d for i, d in enumerate(docs) if i in val]
 
 
-def pack(docs: list[Document], tokenizer, seq_len: int, split: str) -> tuple[np.ndarray, np.ndarray]:
+def pack(docs: list[Document], tokenizer, seq_len: int, split: str,
+         required: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Windows of `seq_len` tokens and their next-token targets, IGNORE where the loss is off. Each document
     ends with the end-of-text token, which is trained: the model learns where to stop. The char tokenizer has
-    none and puts a newline there."""
+    none and puts a newline there. Fewer tokens than one window: an error, or (not `required`) no windows."""
     texts = [text for doc in docs for text, _ in doc.segments]
     encode_many = getattr(tokenizer, "encode_many", None)
     ids = iter(encode_many(texts) if encode_many else [tokenizer.encode(t) for t in texts])
-    end = [tokenizer.eos_id] if tokenizer.eos_id is not None else tokenizer.encode(tokenizer.separator)
+    end = np.asarray([tokenizer.eos_id] if tokenizer.eos_id is not None else tokenizer.encode(tokenizer.separator),
+                     dtype=np.int64)
     tokens, trained = [], []
     for doc in docs:
         for _, flag in doc.segments:
-            seq = next(ids)
-            tokens += seq
-            trained += [flag] * len(seq)
-        tokens += end
-        trained += [True] * len(end)
+            seq = np.asarray(next(ids), dtype=np.int64)
+            tokens.append(seq)
+            trained.append(np.full(len(seq), flag))
+        tokens.append(end)
+        trained.append(np.ones(len(end), dtype=bool))
+    tokens = np.concatenate(tokens) if tokens else np.zeros(0, np.int64)
+    trained = np.concatenate(trained) if trained else np.zeros(0, bool)
     n = (len(tokens) - 1) // seq_len
     if n < 1:
+        if not required:
+            return np.zeros((0, seq_len), np.int64), np.zeros((0, seq_len), np.int64)
         raise SpecError(f"the {split} text has {len(tokens)} tokens, fewer than one window of seq_len {seq_len} "
                         "plus one", "data.seq_len")
-    tokens, trained = np.asarray(tokens, dtype=np.int64), np.asarray(trained, dtype=bool)
     x = tokens[: n * seq_len].reshape(n, seq_len)
     y = np.where(trained[1: n * seq_len + 1], tokens[1: n * seq_len + 1], IGNORE).reshape(n, seq_len)
     return x, y

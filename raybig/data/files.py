@@ -40,14 +40,17 @@ def _hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)
 
 
-def read_text(file: Path) -> str:
-    """The file as UTF-8 text; BadRow naming the first byte that is not."""
-    data = file.read_bytes()
+def read_text(file: Path, start: int = 0, end: int | None = None, first_line: int = 1) -> str:
+    """The file (or its bytes start..end, whole lines from line `first_line`) as UTF-8 text; BadRow naming the
+    first line that is not."""
+    with open(file, "rb") as f:
+        f.seek(start)
+        data = f.read() if end is None else f.read(end - start)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise BadRow(f"{file}: line {line}: not UTF-8 text (byte {err.start})") from None
+        line = first_line + data[: err.start].count(b"\n")
+        raise BadRow(f"{file}: line {line}: not UTF-8 text (byte {start + err.start})") from None
 
 
 class RowErrors:

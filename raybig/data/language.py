@@ -10,9 +10,13 @@ from raybig.errors import SpecError
 
 
 def text_bundle(spec, model, errors: RowErrors):
-    """The packed windows, from the token cache when these files and settings were tokenized before."""
+    """The packed windows, from the token cache when these files and settings were tokenized before; a corpus
+    too large for memory as shards on disk (raybig.data.streaming)."""
     from raybig.data import token_cache
+    from raybig.data.streaming import streamed_text_bundle, streams
 
+    if streams(spec):
+        return streamed_text_bundle(spec, model, errors)
     key = token_cache.cache_key(spec, model)
     bundle = token_cache.load(key)
     if bundle is None:
@@ -22,7 +26,7 @@ def text_bundle(spec, model, errors: RowErrors):
 
 
 def _tokenized(spec, model, errors: RowErrors):
-    from raybig.data.datasets import SPLIT_SEED, DataBundle, DataMeta, Split
+    from raybig.data.datasets import SPLIT_SEED, DataBundle, Split
 
     directory = tokenizer_directory(spec, model)
     template = chat_template_of(directory) or DEFAULT_CHAT_TEMPLATE
@@ -38,13 +42,19 @@ def _tokenized(spec, model, errors: RowErrors):
             raise
         raise SpecError(f"the text has {err}; the pretrained model's tokens are its characters",
                         "model.pretrained") from None
-    meta = DataMeta("lm", [spec.seq_len], tokenizer.vocab_size, chat_template=template, skipped_rows=errors.skipped)
+    return DataBundle(lm_meta(spec, tokenizer, template, errors.skipped), Split(x, y), Split(vx, vy))
+
+
+def lm_meta(spec, tokenizer, template: str, skipped: int):
+    from raybig.data.datasets import DataMeta
+
+    meta = DataMeta("lm", [spec.seq_len], tokenizer.vocab_size, chat_template=template, skipped_rows=skipped)
     if isinstance(tokenizer, CharTokenizer):
         meta.vocab = tokenizer.vocab
     else:
         meta.tokenizer, meta.eos_token = tokenizer.digest, tokenizer.eos_token
         meta.extra["tokenizer_json"] = tokenizer.to_json()
-    return DataBundle(meta, Split(x, y), Split(vx, vy))
+    return meta
 
 
 def _documents(spec, template: str, errors: RowErrors) -> tuple[list[Document], list[Document] | None]:

@@ -42,6 +42,8 @@ def _source_paths(spec) -> list[Path]:
         from raybig.data.datasets import _stdlib_file
 
         return [p for p in map(_stdlib_file, spec.modules) if p.is_file()]
+    if getattr(spec, "path", None) is None:  # built in: the settings (and the installed packages) say it all
+        return []
     paths = [(spec.path, "data.path")] + ([(spec.val_path, "data.val_path")] if getattr(spec, "val_path", None) else [])
     found = []
     for path, field in paths:
@@ -53,6 +55,8 @@ def _source_paths(spec) -> list[Path]:
 
 
 def _tokenizer_paths(spec, model) -> list[Path]:
+    if not spec.is_text:
+        return []
     directory = tokenizer_directory(spec, model)
     pretrained = getattr(model, "pretrained", None)
     where = [d for d in (directory, Path(pretrained) if pretrained else None) if d is not None]

@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
+
 from raybig.errors import SpecError
 
 # the end-of-text tokens of common tokenizers, tried in this order when the spec names none
@@ -42,6 +44,20 @@ class CharTokenizer:
         if unknown:
             raise ValueError(f"characters the model never saw: {''.join(unknown)!r}")
         return [self.lookup[c] for c in text]
+
+    def encode_many(self, texts: list[str]) -> list[np.ndarray]:
+        """Many texts at once, each looked up as an array of code points (a corpus's worth in seconds)."""
+        codes = np.array([ord(c) for c in self.vocab], dtype=np.uint32)
+        order = np.argsort(codes)
+        ranked = codes[order]
+        out = []
+        for text in texts:
+            points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+            at = np.minimum(np.searchsorted(ranked, points), len(ranked) - 1)
+            if not (ranked[at] == points).all():
+                self.encode(text)  # raises, naming the characters
+            out.append(order[at])
+        return out
 
     def decode(self, ids: Iterable[int]) -> str:
         return "".join(self.vocab[i] for i in ids)

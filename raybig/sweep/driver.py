@@ -169,6 +169,7 @@ def run_sweep(spec, *, resume: bool = False, fresh: bool = False, address: str |
 
     from raybig.cluster import cluster_cpus, embedded_cpus, ray_session
     from raybig.data.datasets import describe
+    from raybig.data.streaming import streams
     from raybig.sweep.live import LiveTable
     from raybig.sweep.results import best_row, plot, register_best, trial_rows, write_table
     from raybig.sweep.trial import run_trial
@@ -177,9 +178,11 @@ def run_sweep(spec, *, resume: bool = False, fresh: bool = False, address: str |
     sweep = spec.sweep
     if sweep is None:
         raise SpecError("the spec has no sweep section; add one (see docs/sweeps.md)", "sweep")
+    if streams(spec.data) and not ray.is_initialized():  # Ray Data tokenizes it, on the sweep's own Ray
+        with ray_session(address, num_cpus, verbose):
+            return run_sweep(spec, resume=resume, fresh=fresh, address=address, num_cpus=num_cpus, verbose=verbose,
+                             console=console)
     root, sweep_dir = sweep_paths(spec)
-    if spec.data.loader == "stream":
-        raise SpecError("a sweep trial's ranks hold the data in memory; stream is for single runs", "data.loader")
     meta = describe(spec.data, spec.model)
     check_plan(spec, meta, None if address else embedded_cpus(num_cpus))
     check_model_axes(spec, meta)

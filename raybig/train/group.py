@@ -78,7 +78,7 @@ class Rank:
             port = s.getsockname()[1]
         return f"{ray.util.get_node_ip_address()}:{port}"
 
-    def run(self, config: dict, rank: int, world: int, master: str, shards=None) -> None:
+    def run(self, config: dict, rank: int, world: int, master: str) -> None:
         import torch.distributed as dist
 
         from raybig.train.worker import run_rank
@@ -89,7 +89,7 @@ class Rank:
             dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{master}", rank=rank,
                                     world_size=world, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
         try:
-            run_rank(config, rank, world, device, shards)
+            run_rank(config, rank, world, device)
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
@@ -163,8 +163,6 @@ def fit_in_trial(spec, bundle, loader: str, store, handle, prune_checkpoints: bo
     first = len(group.bundle_specs) - workers if group is not None else 0
     if first < 0:
         raise RunFailed(f"the trial's placement group has {len(group.bundle_specs)} bundles for {workers} ranks")
-    if loader != "memory":
-        raise RunFailed("a sweep trial's ranks hold the data in memory; data.loader stream is for single runs")
     board = _trial_board()
     gate = TrialGate(board, gate_epochs, handle, spec.train.epochs)
     config = {**loop_config(spec, bundle, loader, store, board, prune_checkpoints), "gate_epochs": sorted(gate_epochs)}
@@ -178,7 +176,7 @@ def fit_in_trial(spec, bundle, loader: str, store, handle, prune_checkpoints: bo
         ranks = _alive(_kept["ranks"].pop(key, [])) or _start_ranks(spec, group, first)
         clean = False
         try:
-            _train(ranks, {**config, "attempt": name}, board, gate, None)
+            _train(ranks, {**config, "attempt": name}, board, gate)
             clean = True
         except SystemExit:  # Tune ended the trial: at a gate, the ranks stopped there
             clean = gate.stopped
@@ -220,13 +218,10 @@ def _kill(ranks: list) -> None:
 
 def _fit_on_ranks(spec, bundle, loader: str, store, handle, prune_checkpoints: bool, group, first: int) -> None:
     """One actor per rank in bundles first.. of `group`; rank 0's progress is relayed to `handle`."""
-    from raybig.data.loader import to_ray_datasets
     from raybig.train.progress import ProgressBoard
 
-    workers = spec.parallelism.workers
     board = ProgressBoard.remote()
     config = loop_config(spec, bundle, loader, store, board, prune_checkpoints)
-    datasets = to_ray_datasets(bundle) if loader == "stream" else None
 
     def attempt(name: str):
         from raybig.train import spares
@@ -234,11 +229,8 @@ def _fit_on_ranks(spec, bundle, loader: str, store, handle, prune_checkpoints: b
         # the first attempt only (its name ends in its failure count, #0): a restart gets new processes
         taken = spares.take(spec, loader, store.location) if name.endswith("#0") else []
         ranks = taken or _start_ranks(spec, group, first)
-        # equal shards: every rank takes the same number of steps, so DDP never waits on a missing peer
-        shards = {split: ds.streaming_split(workers, equal=True) for split, ds in datasets.items()} \
-            if datasets else None
         try:
-            _train(ranks, {**config, "attempt": name}, board, handle, shards,
+            _train(ranks, {**config, "attempt": name}, board, handle,
                    "rank processes up (spares of raybig up)" if taken else "rank processes up")
         finally:
             _kill(ranks)
@@ -286,7 +278,7 @@ def _train_here(config: dict, board, handle, spec) -> None:
         raise error
 
 
-def _train(ranks: list, config: dict, board, handle, shards: dict | None, up: str = "rank processes up") -> None:
+def _train(ranks: list, config: dict, board, handle, up: str = "rank processes up") -> None:
     try:
         master = ray.get(ranks[0].endpoint.remote(), timeout=START_TIMEOUT_S)
         ray.get([rank.__ray_ready__.remote() for rank in ranks], timeout=START_TIMEOUT_S)
@@ -294,9 +286,7 @@ def _train(ranks: list, config: dict, board, handle, shards: dict | None, up: st
         raise WorkerStartTimeout(f"the run's {len(ranks)} ranks did not start within {START_TIMEOUT_S:g} s "
                                  "(RAYBIG_WORKER_START_TIMEOUT_S)") from None
     handle(phase_item(up))
-    pending = [rank.run.remote(config, i, len(ranks), master,
-                               {split: its[i] for split, its in shards.items()} if shards else None)
-               for i, rank in enumerate(ranks)]
+    pending = [rank.run.remote(config, i, len(ranks), master) for i, rank in enumerate(ranks)]
     try:
         while pending:
             done, pending = ray.wait(pending, num_returns=1, timeout=0.5)

@@ -179,6 +179,12 @@ def run(spec: JobSpec, *, address: str | None = None, num_cpus: float | None = N
     from raybig.train.group import fit_on_own_group
     from raybig.train.progress import ProgressView, write_curves
 
+    from raybig.data.streaming import streams
+
+    if streams(spec.data) and not ray.is_initialized():  # Ray Data tokenizes it: Ray is up before it is read
+        with ray_session(address, num_cpus, verbose):
+            return run(spec, address=address, num_cpus=num_cpus, fresh=fresh, verbose=verbose, console=console,
+                       on_item=on_item, prune_checkpoints=prune_checkpoints, fit_with=fit_with, phases=phases)
     phases = phases or Phases()
     meta = describe(spec.data, spec.model)
     check_plan(spec, meta, None if address else embedded_cpus(num_cpus))
@@ -188,7 +194,7 @@ def run(spec: JobSpec, *, address: str | None = None, num_cpus: float | None = N
     store.write_spec(spec.to_yaml())
     bundle = load(spec.data, spec.model)
     keep_tokenizer(store, bundle.meta)
-    loader = pick_loader(spec, bundle)
+    loader, bundle = pick_loader(spec, bundle)
     phases.mark("data and checks")
     started = time.perf_counter()
     with ray_session(address, num_cpus, verbose) as how:
@@ -230,25 +236,35 @@ def loop_config(spec: JobSpec, bundle, loader: str, store: RunStore, board=None,
     """What every rank is handed, whichever worker group runs it (raybig.train.worker.run_rank)."""
     import ray
 
-    arrays = None
     if loader == "memory":  # every rank holds the small splits whole: through the object store, without Ray
         # Data's actors, whose polling took CPU from the ranks for the whole run (docs/benchmarks.md, pipeline bubble)
-        arrays = {"train": ray.put((bundle.train.x, bundle.train.y)), "val": ray.put((bundle.val.x, bundle.val.y))}
+        splits = {"train": ray.put((bundle.train.x, bundle.train.y)), "val": ray.put((bundle.val.x, bundle.val.y))}
+    else:  # shards on disk, which every rank reads its slice of (raybig.data.shards)
+        splits = {"train": str(bundle.train.directory), "val": str(bundle.val.directory)}
     return {"spec": spec.model_dump(mode="json"), "meta": bundle.meta.to_dict(), "loader": loader,
             "tokenizer_json": bundle.meta.extra.get("tokenizer_json"),  # rank 0 writes it into hf/
             "store": store.location, "threads": max(1, int(spec.resources.cpus_per_worker)), "board": board,
-            "train_rows": len(bundle.train), "val_rows": len(bundle.val), "arrays": arrays,
-            "prune_checkpoints": prune_checkpoints}
+            "splits": splits, "prune_checkpoints": prune_checkpoints}
 
 
-def pick_loader(spec: JobSpec, bundle) -> str:
-    # the stages of one pipeline replica must see the same batches, which only the memory loader gives
-    loader = "memory" if spec.parallelism.pipeline.stages > 1 else choose_loader(spec.data.loader, bundle.nbytes)
+def pick_loader(spec: JobSpec, bundle) -> tuple[str, object]:
+    """(memory or stream, the bundle the ranks read): data read into memory that should stream is written as
+    shards first (a corpus that streams was tokenized into them)."""
+    from raybig.data.datasets import Split
+    from raybig.data.shards import sharded_bundle
+    from raybig.data.token_cache import cache_key
+
+    if not isinstance(bundle.train, Split):
+        return "stream", bundle
+    memory = spec.data.memory_mb * 2**20
+    loader = choose_loader(spec.data.loader, bundle.nbytes, memory)
     augment = getattr(spec.data, "augment", None)
     if loader == "stream" and augment is not None and (augment.flip or augment.crop_padding):
         raise SpecError(f"flips and crops are drawn per image by the memory loader, but these {bundle.nbytes / 2**20:.0f} "
                         "MB stream: set data.loader: memory, or leave data.augment out", "data.augment")
-    return loader
+    if loader == "stream":
+        bundle = sharded_bundle(bundle, "rows-" + cache_key(spec.data, spec.model), memory)
+    return loader, bundle
 
 
 def run_relaying(work, board, handle, name: str, stop=None) -> BaseException | None:

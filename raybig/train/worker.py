@@ -5,15 +5,15 @@ from __future__ import annotations
 import torch
 
 
-def run_rank(config: dict, rank: int, world: int, device: torch.device, shards: dict | None = None,
-             stop=None) -> None:
-    """One rank of a run whose process group is already up. It takes its slice of the in-memory splits that
-    travel in `config["arrays"]` (object refs), or streams its own Ray Data `shards` ({"train", "val"}).
-    `stop` (a threading.Event) ends a rank that runs on its sweep trial's own thread."""
+def run_rank(config: dict, rank: int, world: int, device: torch.device, stop=None) -> None:
+    """One rank of a run whose process group is already up. It takes its slice of the splits in
+    `config["splits"]`: in memory (object refs) or on disk (shard directories). `stop` (a threading.Event)
+    ends a rank that runs on its sweep trial's own thread."""
     import ray
 
-    from raybig.data.datasets import DataMeta
-    from raybig.data.loader import StreamSource, memory_sources, writable
+    from raybig.data.datasets import DataMeta, Split
+    from raybig.data.loader import rank_sources, writable
+    from raybig.data.shards import open_split
     from raybig.spec import JobSpec
     from raybig.store_io import open_run_store
     from raybig.train.loop import WorkerEnv, fit
@@ -23,13 +23,9 @@ def run_rank(config: dict, rank: int, world: int, device: torch.device, shards: 
     if config.get("tokenizer_json"):
         meta.extra["tokenizer_json"] = config["tokenizer_json"]
     torch.set_num_threads(config["threads"])
-    if shards is not None:
-        batch, seed = spec.train.batch_size, spec.train.seed
-        sources = tuple(StreamSource(shards[split], config[f"{split}_rows"], batch, world, seed, meta.shape)
-                        for split in ("train", "val"))
-    else:
-        sources = memory_sources(spec, *(writable(ray.get(config["arrays"][split])) for split in ("train", "val")),
-                                 rank)
+    splits = config["splits"]
+    read = open_split if config["loader"] == "stream" else (lambda ref: Split(*writable(ray.get(ref))))
+    sources = rank_sources(spec, read(splits["train"]), read(splits["val"]), rank)
     board = config.get("board")
     progress = (lambda item: board.push.remote(item)) if board is not None and rank == 0 else None
     gates = frozenset(config.get("gate_epochs", ()))
