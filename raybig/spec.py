@@ -172,8 +172,9 @@ class DigitsData(_DataCommon):
 
 class TextData(_TextCommon):
     source: Literal["text"]
-    path: str | None = Field(default=None, description="A text file, a directory of them or a glob; without it, "
-                             "Python's standard-library files named by modules.")
+    path: str | None = Field(default=None, description="A text file, a directory of them or a glob (local, or "
+                             "s3:// / gs://: mirrored into RAYBIG_CACHE); without it, Python's standard-library "
+                             "files named by modules.")
     document: Literal["file", "line"] = Field(default="file", description="What one document is: a file, or "
                                               "each non-empty line.")
     max_chars: int = Field(default=300_000, ge=1000, description="The standard-library corpus's length.")
@@ -184,7 +185,8 @@ class TextData(_TextCommon):
 
 class JsonlData(_TextCommon):
     source: Literal["jsonl"]
-    path: str = Field(description="A .jsonl file (one JSON object per line), a directory of them or a glob.")
+    path: str = Field(description="A .jsonl file (one JSON object per line), a directory of them or a glob; "
+                      "local, or s3:// / gs:// (mirrored into RAYBIG_CACHE).")
     format: Literal["text", "prompt_completion", "chat"] = Field(
         default="text", description="text: the field is a document; prompt_completion: the loss is on the "
         "completion only; chat: messages rendered through the tokenizer's chat template, the loss on the "
@@ -196,7 +198,8 @@ class JsonlData(_TextCommon):
 
 
 class _TableData(_DataCommon):
-    path: str
+    path: str = Field(description="A file, a directory of them or a glob; local, or s3:// / gs:// (mirrored into "
+                      "RAYBIG_CACHE).")
     val_path: str | None = None
     label: str = Field(default="label", description="The target column: class indices or names, or (task regression) "
                        "numbers.")
@@ -233,7 +236,10 @@ class CsvData(_TableData):
 class HFDiskData(_TableData):
     source: Literal["hf_disk"]
     path: str = Field(description="A directory written by datasets' save_to_disk (a Dataset, or a DatasetDict "
-                      "whose validation or test split becomes the validation data).")
+                      "whose validation or test split becomes the validation data); with builder, local files.")
+    builder: Literal["json", "csv", "parquet", "text"] | None = Field(
+        default=None, description="Read path (a file, a directory or a glob) and val_path through "
+        "datasets.load_dataset(builder, data_files=...) instead of load_from_disk.")
 
 
 class ImageAugment(Strict):

@@ -182,6 +182,25 @@ def test_a_table_text_column_and_a_datasets_directory_are_documents(data):
     assert err.problems[0][0] == "data.field" and "text" in err.problems[0][1]  # the columns it has
 
 
+def test_local_files_through_datasets_builders_read_as_raybigs_own_sources_do(data):
+    """hf_disk with builder: json and csv files loaded by datasets' own builders give the same windows and
+    rows as the jsonl and csv sources; a file the builder cannot parse is named, exit 2 style."""
+    own, _ = bundle_of({"source": "jsonl", "path": str(data / "docs.jsonl"), "seq_len": 16})
+    datasets._read.cache_clear()
+    built, _ = bundle_of({"source": "hf_disk", "builder": "json", "path": str(data / "docs.jsonl"), "field": "text",
+                          "seq_len": 16})
+    np.testing.assert_array_equal(built.train.x, own.train.x)
+    np.testing.assert_array_equal(built.val.y, own.val.y)
+    table = {"path": str(data / "digits.csv"), "label": "label"}
+    csv, _ = bundle_of({"source": "csv", **table}, CLASSIFIER)
+    datasets._read.cache_clear()
+    built, _ = bundle_of({"source": "hf_disk", "builder": "csv", **table}, CLASSIFIER)
+    np.testing.assert_array_equal(built.train.x, csv.train.x)
+    np.testing.assert_array_equal(built.val.y, csv.val.y)
+    err = spec_error({"source": "hf_disk", "builder": "parquet", "path": str(data / "docs.jsonl"), "field": "text"})
+    assert err.problems[0][0] == "data.path" and "docs.jsonl" in err.problems[0][1]
+
+
 # ----------------------------------------------------------------------------- tables and images
 def test_a_csv_with_class_names_trains_a_classifier(data, tmp_path):
     bundle, _ = bundle_of({"source": "csv", "path": str(data / "digits.csv"), "shape": [8, 8]}, CLASSIFIER)

@@ -125,3 +125,49 @@ def test_pipeline_stages_in_separate_processes_meet_in_the_object_store(s3_store
     assert len(losses) == len(ref_losses) >= 5 and weights.keys() == ref_weights.keys()
     assert (losses == ref_losses).all() and all(torch.equal(weights[k], ref_weights[k]) for k in weights)
     assert not any(".pending" in str(p) for p in pulled.rglob("*"))
+
+
+def test_data_in_the_object_store_is_mirrored_once_and_reads_as_the_local_files_do(s3_store, tmp_path, monkeypatch):
+    """data.path as an s3:// prefix or glob: the same windows as the local files; a second read downloads
+    nothing; an edited object is downloaded again and gives new windows; a missing prefix is named."""
+    import numpy as np
+    import pyarrow.fs as pafs
+
+    from raybig.data import datasets, samples
+    from raybig.spec import parse_spec
+    from raybig.store_io import _upload_file, open_filesystem
+
+    monkeypatch.setenv("RAYBIG_CACHE", str(tmp_path / "cache"))
+    local = tmp_path / "data"
+    samples.write_text(local, {k: v for k, v in list(samples.docstrings().items())[:2]})
+    fs, root = open_filesystem(join(s3_store, "corpus"))
+    for name in ("docs.jsonl", "qa.jsonl"):
+        _upload_file(local / name, fs, f"{root}/{name}")
+
+    def bundle(path: str, fmt: str = "text"):
+        datasets._read.cache_clear()
+        spec = parse_spec({"name": "r", "model": {"kind": "transformer", "task": "lm", "dim": 16, "heads": 2,
+                                                  "layers": 1},
+                           "data": {"source": "jsonl", "path": path, "format": fmt, "seq_len": 16}})
+        return datasets.load(spec.data, spec.model)
+
+    remote, plain = bundle(join(s3_store, "corpus/docs.jsonl")), bundle(str(local / "docs.jsonl"))
+    np.testing.assert_array_equal(remote.train.x, plain.train.x)
+    np.testing.assert_array_equal(remote.val.y, plain.val.y)
+    globbed = bundle(join(s3_store, "corpus/qa*.jsonl"), "prompt_completion")
+    np.testing.assert_array_equal(globbed.train.y, bundle(str(local / "qa.jsonl"), "prompt_completion").train.y)
+
+    mirrored = sorted((tmp_path / "cache" / "remote").rglob("*.jsonl"))
+    stamps = [p.stat().st_mtime_ns for p in mirrored]
+    bundle(join(s3_store, "corpus/docs.jsonl"))
+    assert [p.stat().st_mtime_ns for p in mirrored] == stamps  # nothing downloaded again
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text((local / "docs.jsonl").read_text().replace("the", "th\u00e9"))  # a character new to it
+    _upload_file(edited, fs, f"{root}/docs.jsonl")
+    again = bundle(join(s3_store, "corpus/docs.jsonl"))
+    assert "\u00e9" in again.meta.vocab and "\u00e9" not in remote.meta.vocab
+
+    with pytest.raises(SpecError) as info:
+        bundle(join(s3_store, "nothing/here"))
+    assert info.value.problems[0][0] == "data.path" and "no such object" in str(info.value)
+    assert pafs.FileType.File == fs.get_file_info(f"{root}/qa.jsonl").type

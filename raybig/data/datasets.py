@@ -115,6 +115,9 @@ def load(spec, model=None) -> DataBundle:
     if isinstance(spec, SyntheticData):
         x, y = _synthetic(spec)
         return _bundle(describe(spec), x, y, spec.val_fraction)
+    from raybig.data.remote import local_paths
+
+    spec = local_paths(spec)  # s3:// and gs:// paths: read from their local mirror
     return _read(spec.model_dump_json(), type(spec), model.model_dump_json() if model is not None else None)
 
 

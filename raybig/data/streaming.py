@@ -26,8 +26,11 @@ PIECE_BYTES_MIN, PIECE_BYTES_MAX = 256 * 2**10, 16 * 2**20
 
 def streams(spec) -> bool:
     """Whether a language model's data is tokenized into shards rather than held in memory."""
+    from raybig.data.remote import local_paths
+
     if not spec.is_text:
         return False
+    spec = local_paths(spec)
     streamable = spec.source in ("text", "jsonl") and getattr(spec, "path", None) is not None
     if spec.loader == "stream" and not streamable:
         where = "the standard-library corpus (no data.path) is small" if spec.source == "text" else \

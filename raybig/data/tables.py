@@ -69,23 +69,41 @@ def _line_of(file: Path, text: str) -> int | str:
 
 
 def _hf_disk(spec) -> tuple[pa.Table, pa.Table | None]:
-    """A `save_to_disk` directory: a Dataset, or a DatasetDict (train, and validation or test)."""
+    """A `save_to_disk` directory: a Dataset, or a DatasetDict (train, and validation or test); or, with
+    `builder`, local files read by datasets' own builder for their format."""
     try:
         import datasets
     except ImportError:
         raise SpecError("data.source hf_disk needs datasets: pip install datasets", "data.source") from None
-    if not Path(spec.path).is_dir():
+    if spec.builder is not None:
+        loaded = _hf_files(spec, datasets)
+    elif not Path(spec.path).is_dir():
         raise SpecError(f"no such directory: {spec.path}", "data.path")
-    try:
-        loaded = datasets.load_from_disk(spec.path)
-    except (FileNotFoundError, ValueError) as err:
-        raise SpecError(f"{spec.path} is not a datasets save_to_disk directory: {err}", "data.path") from None
+    else:
+        try:
+            loaded = datasets.load_from_disk(spec.path)
+        except (FileNotFoundError, ValueError) as err:
+            raise SpecError(f"{spec.path} is not a datasets save_to_disk directory: {err}", "data.path") from None
     if isinstance(loaded, datasets.Dataset):
         return _arrow(loaded), None
     if "train" not in loaded:
         raise SpecError(f"{spec.path} has splits {', '.join(loaded)} but no train split", "data.path")
     val = next((loaded[s] for s in ("validation", "valid", "val", "test") if s in loaded), None)
     return _arrow(loaded["train"]), (_arrow(val) if val is not None else None)
+
+
+def _hf_files(spec, datasets):
+    """path (and val_path) through `datasets.load_dataset(builder, data_files=...)`, its cache in RAYBIG_CACHE."""
+    from raybig.data.datasets import cache_dir
+
+    files = {"train": [str(f) for f in source_files(spec.path, "data.path")]}
+    if spec.val_path:
+        files["validation"] = [str(f) for f in source_files(spec.val_path, "data.val_path")]
+    try:
+        return datasets.load_dataset(spec.builder, data_files=files, cache_dir=str(cache_dir() / "hf_datasets"))
+    except Exception as err:  # datasets raises its own types (DatasetGenerationError, ...) for unreadable files
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise SpecError(f"datasets' {spec.builder} builder cannot read {spec.path}: {first}", "data.path") from None
 
 
 def _arrow(dataset) -> pa.Table:
