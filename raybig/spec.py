@@ -119,10 +119,10 @@ class _DataCommon(Strict):
     loader: Literal["auto", "memory", "stream"] = Field(
         default="auto",
         description="memory: each worker holds the split and takes its slice of every global batch; stream: "
-        "the split is written once as shards in RAYBIG_CACHE (a text or jsonl corpus tokenized there in "
+        "the split is written once as shards in RAYBIG_CACHE (a text, jsonl or parquet-column corpus tokenized in "
         "parallel by Ray Data, never held whole) and each rank reads its slice of the same global batches a "
         "window at a time, resuming mid-epoch at the exact next batch; auto: stream when the data (a "
-        "text or jsonl corpus: its files) is larger than memory_mb.")
+        "corpus: its files) is larger than memory_mb.")
     memory_mb: int = Field(default=256, ge=1, description="The data one process may hold: above it, auto "
                            "streams; a streaming rank holds about this much (its shuffle window and the next).")
     one_hot: bool = Field(default=False, description="One-hot targets (needed to train a classifier with mse).")

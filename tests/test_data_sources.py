@@ -439,3 +439,8 @@ def test_tokenized_windows_are_cached_by_the_files_contents_and_reused(data, tmp
         datasets._read.cache_clear()
         bundle_of(changed)
     assert len(entries()) == 3
+
+
+def test_stream_is_refused_for_text_it_cannot_cut_into_pieces():
+    err = spec_error({"source": "text", "loader": "stream"})  # the standard-library demo corpus
+    assert err.problems[0][0] == "data.loader" and "data.path" in err.problems[0][1]

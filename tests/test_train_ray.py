@@ -312,3 +312,21 @@ def test_a_streamed_lm_trains_data_parallel_on_ray_as_in_one_process(corpus, tmp
     run_local({**raw, **steps, "name": "one"}, tmp_path / "one")
     np.testing.assert_allclose(losses, np.concatenate([r["step_losses"] for r in RunStore(tmp_path / "one").history()]),
                                rtol=1e-4)
+
+
+def test_a_parquet_text_column_streams_from_its_row_groups(corpus, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root, raw, _, text = corpus
+    lines = [line for p in sorted(root.iterdir()) for line in p.read_text().splitlines()]
+    pq.write_table(pa.table({"text": lines}), tmp_path / "corpus.parquet", row_group_size=5000)
+    spec = parse_spec({**raw, "data": {"source": "parquet", "path": str(tmp_path / "corpus.parquet"), "field": "text",
+                                       "seq_len": 32, "memory_mb": BUDGET_MB, "loader": "stream"}})
+    bundle = load(spec.data, spec.model)
+    assert isinstance(bundle.train, ShardedSplit) and bundle.meta.vocab == text.meta.vocab
+    total = len(bundle.train) + len(bundle.val)
+    assert abs(total - (len(text.train) + len(text.val))) < 0.01 * total  # the same text, cut elsewhere
+    x, y = bundle.train.read(len(bundle.train.shards) // 2)
+    decoded = "".join(bundle.meta.vocab[i] for i in np.concatenate([x[3:9].reshape(-1), y[8, -1:]]))
+    assert all(line in set(lines) for line in decoded.split("\n")[1:-1]) and len(decoded.split("\n")) > 2

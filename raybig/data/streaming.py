@@ -31,23 +31,32 @@ def streams(spec) -> bool:
     if not spec.is_text:
         return False
     spec = local_paths(spec)
-    streamable = spec.source in ("text", "jsonl") and getattr(spec, "path", None) is not None
+    streamable = spec.source in ("text", "jsonl", "parquet") and getattr(spec, "path", None) is not None
     if spec.loader == "stream" and not streamable:
         where = "the standard-library corpus (no data.path) is small" if spec.source == "text" else \
             f"a {spec.source} text column is read in memory"
-        raise SpecError(f"stream tokenizes text and jsonl files; {where}: use loader memory or auto", "data.loader")
+        raise SpecError(f"stream tokenizes text, jsonl and parquet files; {where}: use loader memory or auto",
+                        "data.loader")
     if spec.loader != "auto" or not streamable:
         return spec.loader == "stream"
-    size = sum(f.stat().st_size for f in source_files(spec.path, suffixes=document_suffixes(spec)))
-    return size > spec.memory_mb * 2**20
+    files = [f for _, paths, _ in _parquet_sources(spec) for f in paths] if spec.source == "parquet" else \
+        source_files(spec.path, suffixes=document_suffixes(spec))
+    return sum(f.stat().st_size for f in files) > spec.memory_mb * 2**20
 
 
 def piece_bytes(spec) -> int:
     return int(np.clip(spec.memory_mb * 2**20 // 16, PIECE_BYTES_MIN, PIECE_BYTES_MAX))
 
 
-def plan_pieces(spec) -> list[list[list]]:
-    """The corpus as pieces, each a list of [file, start, end, first line] ranges, in file order."""
+def plan_pieces(spec) -> list[dict]:
+    """The corpus as pieces, in file order: {"ranges": [[file, start, end, first line], ...]} of text, or
+    {"row_groups": [[file, group], ...]} of Parquet; "split" says where a val_path's pieces go."""
+    if spec.source == "parquet":
+        return _row_group_pieces(spec)
+    return [{"ranges": ranges, "split": None} for ranges in _text_pieces(spec)]
+
+
+def _text_pieces(spec) -> list[list[list]]:
     target, by_line = piece_bytes(spec), spec.source == "jsonl" or spec.document == "line"
     pieces, small, small_bytes = [], [], 0
     for file in source_files(spec.path, suffixes=document_suffixes(spec)):
@@ -79,9 +88,58 @@ def _line_ranges(file: Path, size: int, target: int) -> list[list]:
     return ranges
 
 
-def piece_documents(spec, piece: list[list], template: str, errors: RowErrors) -> list[Document]:
+def _parquet_sources(spec) -> list[tuple[str, list[Path], str | None]]:
+    """(field, files, the split they are) for path and val_path."""
+    out = []
+    for path, field, split in ((spec.path, "data.path", "train" if spec.val_path else None),
+                               (spec.val_path, "data.val_path", "val")):
+        if path is None:
+            continue
+        files = sorted(Path(path).rglob("*.parquet")) if Path(path).is_dir() else source_files(path, field)
+        if not files:
+            raise SpecError(f"{path} holds no .parquet files", field)
+        out.append((field, [f.resolve() for f in files], split))
+    return out
+
+
+def _row_group_pieces(spec) -> list[dict]:
+    """Row groups, grouped to about piece_bytes each; a file that is not Parquet is named."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    target, pieces = piece_bytes(spec), []
+    for field, files, split in _parquet_sources(spec):
+        groups, held = [], 0
+        for file in files:
+            try:
+                meta = pq.ParquetFile(file).metadata
+            except (pa.ArrowInvalid, OSError) as err:
+                raise SpecError(f"{file} is not readable as Parquet: {err}", field) from None
+            for g in range(meta.num_row_groups):
+                groups.append([str(file), g])
+                held += meta.row_group(g).total_byte_size
+                if held >= target:
+                    pieces.append({"row_groups": groups, "split": split})
+                    groups, held = [], 0
+        if groups:
+            pieces.append({"row_groups": groups, "split": split})
+    return pieces
+
+
+def piece_documents(spec, piece: dict, template: str, errors: RowErrors) -> list[Document]:
+    if "row_groups" in piece:
+        import pyarrow.parquet as pq
+
+        from raybig.data.tables import text_column
+
+        docs = []
+        for file, group in piece["row_groups"]:
+            table = pq.ParquetFile(file).read_row_group(group)
+            docs += [Document([(text, True)])
+                     for text in text_column(spec, table, f"{file} (row group {group})", errors)]
+        return docs
     docs = []
-    for file, start, end, first_line in piece:
+    for file, start, end, first_line in piece["ranges"]:
         try:
             text = read_text(Path(file), start, end, first_line)
         except BadRow as err:
@@ -91,10 +149,14 @@ def piece_documents(spec, piece: list[list], template: str, errors: RowErrors) -
     return docs
 
 
-def split_piece(docs: list[Document], val_fraction: float, index: int) -> tuple[list[Document], list[Document]]:
-    """A piece's validation documents, drawn with the piece's own seed (a lone chat stays in training)."""
+def split_piece(docs: list[Document], piece: dict, val_fraction: float,
+                index: int) -> tuple[list[Document], list[Document]]:
+    """A piece's validation documents: all or none where val_path sets them apart, else drawn with the
+    piece's own seed (a lone chat stays in training)."""
     from raybig.data.datasets import SPLIT_SEED
 
+    if piece["split"] is not None:
+        return (docs, []) if piece["split"] == "train" else ([], docs)
     if not docs:
         return [], []
     if len(docs) == 1 and len(docs[0].segments) != 1:
@@ -113,7 +175,8 @@ def _tokenize_pieces(batch: dict, spec_json: str, tokenizer: dict, template: str
     for index, piece in zip(batch["index"], batch["piece"]):
         index, errors, written, error, field = int(index), RowErrors(spec.on_error), {}, "", ""
         try:
-            parts = split_piece(piece_documents(spec, json.loads(piece), template, errors), spec.val_fraction, index)
+            piece = json.loads(piece)
+            parts = split_piece(piece_documents(spec, piece, template, errors), piece, spec.val_fraction, index)
             for split, docs in zip(("train", "val"), parts):
                 x, y = pack(docs, encoder, spec.seq_len, split, required=False)
                 dtype = np.int16 if encoder.vocab_size < 2**15 else np.int32
@@ -259,7 +322,7 @@ class _TrainingTexts:
     def __iter__(self):
         for index, piece in enumerate(self.pieces):
             docs = piece_documents(self.spec, piece, self.template, RowErrors(self.spec.on_error))
-            train, _ = split_piece(docs, self.spec.val_fraction, index)
+            train, _ = split_piece(docs, piece, self.spec.val_fraction, index)
             for doc in train:
                 yield doc.text
 
