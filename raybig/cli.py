@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from raybig.errors import SpecError
 
@@ -20,7 +21,8 @@ SetOption = typer.Option(None, "--set", metavar="PATH=VALUE", help="Override a s
 
 def _fail(error: SpecError) -> None:
     for path, message in error.problems:
-        err.print(f"[bold red]error[/]: {path + ': ' if path else ''}{message}", highlight=False, markup=True)
+        # escaped: a message may quote text with brackets (a file's row, a worker's error)
+        err.print(f"[bold red]error[/]: {escape(path + ': ' if path else '')}{escape(message)}", highlight=False)
     raise typer.Exit(2)
 
 
@@ -112,8 +114,8 @@ def run(
     except SpecError as error:
         _fail(error)
     except RunFailed as error:
-        err.print(f"[bold red]run failed[/]: {error}\nrerun the same command to resume from the last checkpoint",
-                  highlight=False)
+        err.print(f"[bold red]run failed[/]: {escape(str(error))}\nrerun the same command to resume from the last "
+                  "checkpoint", highlight=False)
         raise typer.Exit(1)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]: rerun the same command to resume from the last checkpoint")

@@ -59,3 +59,21 @@ def test_a_rerun_continues_after_the_last_checkpoint(tmp_path):
     assert more[:2] == first  # the first two epochs were loaded, not retrained
     straight, _ = train_locally(tmp_path / "straight", epochs=4, optimizer={"name": "adam", "lr": 2e-3})
     assert more[-1]["train_loss"] == pytest.approx(straight[-1]["train_loss"], rel=1e-5)
+
+
+def test_a_restart_shows_the_workers_error_text_as_it_is_even_with_brackets():
+    """A worker's error (gloo's "[.../pair.cc:537] Connection closed by peer") is text, not console markup."""
+    import io
+
+    from rich.console import Console
+
+    from raybig.spec import parse_spec
+    from raybig.train.progress import ProgressView
+
+    out = io.StringIO()
+    spec = parse_spec({"name": "r", "model": {"kind": "mlp"}, "data": {"source": "digits"},
+                       "failure": {"max_failures": 2}})
+    reason = "[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Connection closed by peer [1]"
+    with ProgressView(spec, Console(file=out, width=300)) as view:
+        view.handle({"type": "restart", "failures": 1, "reason": reason})
+    assert f"a worker failed ({reason})" in out.getvalue() and "failure 1 of 2" in out.getvalue()

@@ -20,6 +20,7 @@ from raybig.data.datasets import load
 from raybig.data.loader import rank_sources
 from raybig.data.shards import ShardedSplit, open_entry
 from raybig.data.streaming import streams
+from raybig.errors import SpecError
 from raybig.spec import load_spec, parse_spec
 from raybig.train.checkpoint import load_trained_model
 from raybig.train.runner import RunFailed, run
@@ -330,3 +331,19 @@ def test_a_parquet_text_column_streams_from_its_row_groups(corpus, tmp_path):
     x, y = bundle.train.read(len(bundle.train.shards) // 2)
     decoded = "".join(bundle.meta.vocab[i] for i in np.concatenate([x[3:9].reshape(-1), y[8, -1:]]))
     assert all(line in set(lines) for line in decoded.split("\n")[1:-1]) and len(decoded.split("\n")) > 2
+
+
+def test_a_bad_row_in_a_streamed_corpus_is_named_by_file_and_line_or_skipped_and_counted(stream_cache, ray_local,
+                                                                                      tmp_path):
+    rows = [json.dumps({"text": f"document {i} " * 20}) for i in range(400)]
+    rows[250] = '{"text": "unterminated'
+    (tmp_path / "rows.jsonl").write_text("\n".join(rows) + "\n")
+    data = {"source": "jsonl", "path": str(tmp_path / "rows.jsonl"), "seq_len": 16, "loader": "stream"}
+    model = {"kind": "transformer", "task": "lm", "dim": 16, "heads": 2, "layers": 1}
+    with pytest.raises(SpecError) as info:
+        load(parse_spec({"name": "bad", "model": model, "data": data}).data)
+    (field, message), = info.value.problems
+    assert field == "data.path" and message.startswith(f"{(tmp_path / 'rows.jsonl').resolve()}:251: not JSON")
+    skipped = load(parse_spec({"name": "bad", "model": model, "data": {**data, "on_error": "skip"}}).data)
+    assert isinstance(skipped.train, ShardedSplit) and skipped.meta.skipped_rows == 1
+    assert not list((stream_cache / "shards").glob(".text-*"))  # the failed attempt left no partial entry

@@ -12,6 +12,7 @@ characters the pieces hold (a first Ray Data pass).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -239,9 +240,13 @@ def streamed_text_bundle(spec, model, errors: RowErrors):
         pieces = plan_pieces(spec)
         template, tokenizer = _tokenizer(spec, model, pieces)
         tmp = new_entry(shards_root(), key)
-        results = _map_pieces(_tokenize_pieces, pieces, spec, template=template, out=str(tmp),
-                              tokenizer=_described(tokenizer))
-        index, skipped = _index(results, spec), int(sum(r["skipped"] for r in results))
+        try:
+            results = _map_pieces(_tokenize_pieces, pieces, spec, template=template, out=str(tmp),
+                                  tokenizer=_described(tokenizer))
+            index, skipped = _index(results, spec), int(sum(r["skipped"] for r in results))
+        except BaseException:  # a bad row, or a task's failure: no half-written entry stays behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         meta = lm_meta(spec, tokenizer, template, skipped)
         entry = finish_entry(tmp, key, {**index, "shape": [spec.seq_len], "y_shape": [spec.seq_len],
                                         "x_dtype": _dtype(tokenizer), "y_dtype": _dtype(tokenizer)},

@@ -123,8 +123,11 @@ class ProgressView:
             self.header_done = True
             self.progress.console.print(table)
         elif item["type"] == "restart":
-            self.progress.console.print(f"[yellow]a worker failed ({item['reason']}); restarting the workers from "
-                                        f"the last checkpoint (failure {item['failures']} of "
+            from rich.markup import escape
+
+            # the reason is a worker's error text, which may hold brackets (gloo's "[.../pair.cc:537]")
+            self.progress.console.print(f"[yellow]a worker failed ({escape(item['reason'])}); restarting the workers "
+                                        f"from the last checkpoint (failure {item['failures']} of "
                                         f"{self.spec.failure.max_failures} allowed)[/]")
 
 
