@@ -139,6 +139,7 @@ def shards_root() -> Path:
 def sharded_bundle(bundle, key: str, memory_bytes: int):
     """An in-memory bundle (a table's or images' rows) as shards in the cache, for the ranks to stream."""
     from raybig.data.datasets import DataBundle
+    from raybig.data.token_cache import meta_record
 
     entry = shards_root() / key
     splits = open_entry(entry)
@@ -147,6 +148,6 @@ def sharded_bundle(bundle, key: str, memory_bytes: int):
         index = {split: write_split(tmp / split, part.x, part.y, memory_bytes)
                  for split, part in zip(SPLITS, (bundle.train, bundle.val))}
         entry = finish_entry(tmp, key, {**index, **index_entry(bundle.train.x, bundle.train.y)},
-                             {"meta": bundle.meta.to_dict()})
+                             meta_record(bundle.meta))
         splits = open_entry(entry)
     return DataBundle(bundle.meta, *splits)

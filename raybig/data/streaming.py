@@ -172,7 +172,7 @@ def _tokenize_pieces(batch: dict, spec_json: str, tokenizer: dict, template: str
 
     spec = _data_spec(spec_json)
     encoder = _tokenizer_from(tokenizer)
-    rows = {"index": [], "train": [], "val": [], "skipped": [], "error": [], "field": []}
+    rows = []
     for index, piece in zip(batch["index"], batch["piece"]):
         index, errors, written, error, field = int(index), RowErrors(spec.on_error), {}, "", ""
         try:
@@ -180,19 +180,16 @@ def _tokenize_pieces(batch: dict, spec_json: str, tokenizer: dict, template: str
             parts = split_piece(piece_documents(spec, piece, template, errors), piece, spec.val_fraction, index)
             for split, docs in zip(("train", "val"), parts):
                 x, y = pack(docs, encoder, spec.seq_len, split, required=False)
-                dtype = np.int16 if encoder.vocab_size < 2**15 else np.int32
-                written[split] = write_split(Path(out) / split, x.astype(dtype), y.astype(dtype),
+                written[split] = write_split(Path(out) / split, x.astype(_dtype(encoder)), y.astype(_dtype(encoder)),
                                              spec.memory_mb * 2**20, prefix=f"{index:06d}-")
         except SpecError as err:
             (field, error), *_ = err.problems
         except ValueError as err:  # a pretrained char model's tokenizer meets characters it has not
             error, field = f"the text has {err}; the pretrained model's tokens are its characters", "model.pretrained"
-        for key, value in (("index", index), ("train", json.dumps(written.get("train", []))),
-                           ("val", json.dumps(written.get("val", []))), ("skipped", errors.skipped),
-                           ("error", error), ("field", field)):
-            rows[key].append(value)
-    return {key: np.array(value, dtype=object if key in ("train", "val", "error", "field") else np.int64)
-            for key, value in rows.items()}
+        rows.append({"index": index, "train": json.dumps(written.get("train", [])),
+                     "val": json.dumps(written.get("val", [])), "skipped": errors.skipped, "error": error,
+                     "field": field})
+    return {key: np.array([row[key] for row in rows], dtype=object) for key in rows[0]}
 
 
 def _characters(batch: dict, spec_json: str, template: str) -> dict:
@@ -228,10 +225,10 @@ def _tokenizer_from(described: dict):
 # ----------------------------------------------------------------------------- the driver
 def streamed_text_bundle(spec, model, errors: RowErrors):
     """The corpus's shards, tokenized now unless an entry for these files, settings and tokenizer exists."""
-    from raybig.data.datasets import DataBundle, DataMeta
+    from raybig.data.datasets import DataBundle
     from raybig.data.language import lm_meta
     from raybig.data.shards import finish_entry, new_entry, open_entry, shards_root
-    from raybig.data.token_cache import cache_key
+    from raybig.data.token_cache import cache_key, meta_of, meta_record
 
     key = "text-" + cache_key(spec, model)
     entry = shards_root() / key
@@ -250,12 +247,9 @@ def streamed_text_bundle(spec, model, errors: RowErrors):
         meta = lm_meta(spec, tokenizer, template, skipped)
         entry = finish_entry(tmp, key, {**index, "shape": [spec.seq_len], "y_shape": [spec.seq_len],
                                         "x_dtype": _dtype(tokenizer), "y_dtype": _dtype(tokenizer)},
-                             {"meta": meta.to_dict(), "tokenizer_json": meta.extra.get("tokenizer_json")})
+                             meta_record(meta))
         splits = open_entry(entry)
-    stored = json.loads((entry / "meta.json").read_text())
-    meta = DataMeta(**stored["meta"])
-    if stored.get("tokenizer_json"):
-        meta.extra["tokenizer_json"] = stored["tokenizer_json"]
+    meta = meta_of(json.loads((entry / "meta.json").read_text()))
     errors.skipped = meta.skipped_rows
     return DataBundle(meta, *splits)
 

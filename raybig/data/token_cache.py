@@ -65,16 +65,13 @@ def _tokenizer_paths(spec, model) -> list[Path]:
 
 def load(key: str):
     """The bundle cached under `key`, or None."""
-    from raybig.data.datasets import DataBundle, DataMeta, Split, cache_dir
+    from raybig.data.datasets import DataBundle, Split, cache_dir
 
     entry = cache_dir() / "tokens" / key
     if not (entry / "meta.json").is_file():
         return None
-    stored = json.loads((entry / "meta.json").read_text())
+    meta = meta_of(json.loads((entry / "meta.json").read_text()))
     arrays = {name: np.load(entry / f"{name}.npy") for name in ARRAYS}
-    meta = DataMeta(**stored["meta"])
-    if stored.get("tokenizer_json"):
-        meta.extra["tokenizer_json"] = stored["tokenizer_json"]
     return DataBundle(meta, Split(arrays["train_x"], arrays["train_y"]), Split(arrays["val_x"], arrays["val_y"]))
 
 
@@ -88,9 +85,22 @@ def store(key: str, bundle) -> None:
     tmp.mkdir(parents=True)
     for name, array in zip(ARRAYS, (bundle.train.x, bundle.train.y, bundle.val.x, bundle.val.y)):
         np.save(tmp / f"{name}.npy", np.ascontiguousarray(array))
-    (tmp / "meta.json").write_text(json.dumps({"meta": bundle.meta.to_dict(),
-                                               "tokenizer_json": bundle.meta.extra.get("tokenizer_json")}))
+    (tmp / "meta.json").write_text(json.dumps(meta_record(bundle.meta)))
     try:
         os.rename(tmp, root / key)
     except OSError:  # another run cached the same windows first
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def meta_record(meta) -> dict:
+    """What a cache entry's meta.json holds: the DataMeta, and the tokenizer the driver hands the run."""
+    return {"meta": meta.to_dict(), "tokenizer_json": meta.extra.get("tokenizer_json")}
+
+
+def meta_of(record: dict):
+    from raybig.data.datasets import DataMeta
+
+    meta = DataMeta(**record["meta"])
+    if record.get("tokenizer_json"):
+        meta.extra["tokenizer_json"] = record["tokenizer_json"]
+    return meta

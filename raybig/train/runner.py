@@ -251,6 +251,7 @@ def pick_loader(spec: JobSpec, bundle) -> tuple[str, object]:
     """(memory or stream, the bundle the ranks read): data read into memory that should stream is written as
     shards first (a corpus that streams was tokenized into them)."""
     from raybig.data.datasets import Split
+    from raybig.data.remote import local_paths
     from raybig.data.shards import sharded_bundle
     from raybig.data.token_cache import cache_key
 
@@ -263,7 +264,8 @@ def pick_loader(spec: JobSpec, bundle) -> tuple[str, object]:
         raise SpecError(f"flips and crops are drawn per image by the memory loader, but these {bundle.nbytes / 2**20:.0f} "
                         "MB stream: set data.loader: memory, or leave data.augment out", "data.augment")
     if loader == "stream":
-        bundle = sharded_bundle(bundle, "rows-" + cache_key(spec.data, spec.model), memory)
+        # keyed by the files read: an object store's, in their local mirror
+        bundle = sharded_bundle(bundle, "rows-" + cache_key(local_paths(spec.data), spec.model), memory)
     return loader, bundle
 
 
