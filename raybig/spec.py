@@ -119,8 +119,8 @@ class _DataCommon(Strict):
     loader: Literal["auto", "memory", "stream"] = Field(
         default="auto",
         description="memory: each worker holds the split and takes its slice of every global batch; stream: "
-        "the split is written once as shards in RAYBIG_CACHE (a text, jsonl or parquet-column corpus tokenized in "
-        "parallel by Ray Data, never held whole) and each rank reads its slice of the same global batches a "
+        "the split is written once as shards in RAYBIG_CACHE (files read in pieces, and a corpus tokenized, in "
+        "parallel by Ray Data tasks, never held whole; the built-in sources from memory) and each rank reads its slice of the same global batches a "
         "window at a time, resuming mid-epoch at the exact next batch; auto: stream when the data (a "
         "corpus: its files) is larger than memory_mb.")
     memory_mb: int = Field(default=256, ge=1, description="The data one process may hold: above it, auto "

@@ -444,3 +444,5 @@ def test_tokenized_windows_are_cached_by_the_files_contents_and_reused(data, tmp
 def test_stream_is_refused_for_text_it_cannot_cut_into_pieces():
     err = spec_error({"source": "text", "loader": "stream"})  # the standard-library demo corpus
     assert err.problems[0][0] == "data.loader" and "data.path" in err.problems[0][1]
+    err = spec_error({"source": "hf_disk", "path": "examples", "builder": "json", "field": "text", "loader": "stream"})
+    assert err.problems[0][0] == "data.loader" and "source jsonl" in err.problems[0][1]

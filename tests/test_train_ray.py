@@ -347,3 +347,56 @@ def test_a_bad_row_in_a_streamed_corpus_is_named_by_file_and_line_or_skipped_and
     skipped = load(parse_spec({"name": "bad", "model": model, "data": {**data, "on_error": "skip"}}).data)
     assert isinstance(skipped.train, ShardedSplit) and skipped.meta.skipped_rows == 1
     assert not list((stream_cache / "shards").glob(".text-*"))  # the failed attempt left no partial entry
+
+
+def _all_rows(split) -> Counter:
+    """A split's (x, y) rows as a multiset, in memory or on disk."""
+    parts = [split.read(i) for i in range(len(split.shards))] if isinstance(split, ShardedSplit) else [(split.x, split.y)]
+    return Counter((x.tobytes(), int(y)) for xs, ys in parts for x, y in zip(xs, ys))
+
+
+def test_tables_and_image_folders_larger_than_memory_are_read_in_pieces_by_ray_data_tasks(stream_cache, ray_local,
+                                                                                      tmp_path):
+    """A CSV of class names, a datasets directory and an image folder, each with loader stream and a 1 MB
+    budget: Ray Data tasks read them piece by piece into shards holding exactly the rows the memory loader
+    reads (a val_path's rows all validation), with the same classes; a bad row is named by its file's line."""
+    from PIL import Image
+    import datasets as hf
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20_000, 4)).round(3).astype(np.float32)
+    names = np.array(["cat", "dog", "eel"])[(x[:, 0] > 0).astype(int) + (x[:, 1] > 1)]
+    lines = ["a,b,c,d,label"] + [f"{a},{b},{c},{d},{n}" for (a, b, c, d), n in zip(x.tolist(), names)]
+    (tmp_path / "t.csv").write_text("\n".join(lines) + "\n")
+    hf.DatasetDict({"train": hf.Dataset.from_dict({"a": x[:15_000, 0], "b": x[:15_000, 1], "label": (x[:15_000, 0] > 0).astype(int)}),
+                    "test": hf.Dataset.from_dict({"a": x[15_000:, 0], "b": x[15_000:, 1], "label": (x[15_000:, 0] > 0).astype(int)})}
+                   ).save_to_disk(str(tmp_path / "hf"))
+    for split, count in (("train", 60), ("val", 10)):
+        for c in ("circle", "square"):
+            (tmp_path / "img" / split / c).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(tmp_path / "img" / split / c / f"{i}.png")
+    sources = {"csv": {"source": "csv", "path": str(tmp_path / "t.csv")},
+               "hf_disk": {"source": "hf_disk", "path": str(tmp_path / "hf")},
+               "image_folder": {"source": "image_folder", "path": str(tmp_path / "img" / "train"),
+                                "val_path": str(tmp_path / "img" / "val"), "memory_mb": 1}}
+    model = {"kind": "mlp", "hidden": [8]}
+    for name, data in sources.items():
+        memory = load(parse_spec({"name": name, "model": model, "data": {**data, "loader": "memory"}}).data)
+        spec = parse_spec({"name": name, "model": model, "data": {**data, "loader": "stream", "memory_mb": 1}})
+        assert streams(spec.data)
+        streamed = load(spec.data)
+        assert isinstance(streamed.train, ShardedSplit) and streamed.meta.labels == memory.meta.labels
+        assert streamed.meta.num_classes == memory.meta.num_classes and streamed.meta.shape == memory.meta.shape
+        both = _all_rows(streamed.train) + _all_rows(streamed.val)
+        assert both == _all_rows(memory.train) + _all_rows(memory.val), name
+        if name != "csv":  # a val_path or a validation split: the same validation rows
+            assert _all_rows(streamed.val) == _all_rows(memory.val), name
+        else:  # each piece drew its own share
+            assert len(streamed.train.shards) > 4 and 0.15 < len(streamed.val) / sum(both.values()) < 0.25
+    lines[12_345] = "1.0,2.0"
+    (tmp_path / "t.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(SpecError) as info:
+        load(parse_spec({"name": "bad", "model": model, "data": {**sources["csv"], "loader": "stream", "memory_mb": 1}}).data)
+    (field, message), = info.value.problems
+    assert field == "data.path" and "t.csv: line 12346: 2 values, expected 5" in message

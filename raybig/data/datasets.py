@@ -131,6 +131,12 @@ def _read(spec_json: str, spec_type, model_json: str | None) -> DataBundle:
     spec = spec_type.model_validate_json(spec_json)
     model = TypeAdapter(ModelSpec).validate_json(model_json) if model_json else None
     errors = RowErrors(getattr(spec, "on_error", "fail"))
+    from raybig.data.streaming import streams
+
+    if not spec.is_text and streams(spec):
+        from raybig.data.stream_rows import streamed_rows_bundle
+
+        return streamed_rows_bundle(spec, errors)
     if spec.is_text:
         from raybig.data.language import text_bundle
 

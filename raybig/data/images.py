@@ -32,33 +32,50 @@ def read_image_folder(spec, path: str, field: str, errors: RowErrors, classes: l
                       like: tuple[int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(x [N, C, H, W] float32, y [N], class names). Validation folders use the training `classes` and image
     shape `like` (C, H, W)."""
-    from PIL import Image, UnidentifiedImageError
+    files, names = image_files(path, field, classes)
+    x, y = decode_images(spec, files, field, errors, like)
+    if not len(y):
+        raise SpecError(f"no image under {path} could be decoded", field)
+    return x, y, names
 
+
+def image_files(path: str, field: str, classes: list[str] | None = None) -> tuple[list[tuple[int, Path]], list[str]]:
+    """([(class index, image file), ...] class by class, the class names); a validation folder's classes must
+    be the training folder's `classes`."""
     folders = class_folders(path, field)
     names = [f.name for f in folders]
     if classes is not None and names != classes:
         raise SpecError(f"{path} has classes {', '.join(names)} but the training folder has {', '.join(classes)}",
                         field)
-    images, labels = [], []
-    shape = like
+    out = []
     for label, folder in enumerate(folders):
         files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise SpecError(f"class folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})", field)
-        for file in files:
-            try:
-                with Image.open(file) as image:
-                    array, shape = _pixels(image, spec, shape, file)
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-                if isinstance(err, SizeMismatch):
-                    raise SpecError(str(err), "data.size") from None
-                errors.bad(BadRow(f"{file}: not an image Pillow can decode ({err})", field))
-                continue
-            images.append(array)
-            labels.append(label)
-    if not images:
-        raise SpecError(f"no image under {path} could be decoded", field)
-    return np.stack(images), np.array(labels, dtype=np.int64), names
+        out += [(label, file) for file in files]
+    return out, names
+
+
+def decode_images(spec, files: list[tuple[int, Path]], field: str, errors: RowErrors,
+                  like: tuple[int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(x [N, C, H, W] float32 in [0, 1], y [N]) of the images that decode, at shape `like` (default the first
+    image's); one that does not is a bad row."""
+    from PIL import Image, UnidentifiedImageError
+
+    images, labels, shape = [], [], like
+    for label, file in files:
+        try:
+            with Image.open(file) as image:
+                array, shape = _pixels(image, spec, shape, Path(file))
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            if isinstance(err, SizeMismatch):
+                raise SpecError(str(err), "data.size") from None
+            errors.bad(BadRow(f"{file}: not an image Pillow can decode ({err})", field))
+            continue
+        images.append(array)
+        labels.append(label)
+    x = np.stack(images) if images else np.zeros((0, *(shape or (1, 1, 1))), np.float32)
+    return x, np.array(labels, dtype=np.int64)
 
 
 class SizeMismatch(ValueError):

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from raybig.data.files import BadRow, RowErrors, source_files
+from raybig.data.pieces import CSV_SUFFIXES
 from raybig.errors import SpecError
 
 
@@ -32,64 +33,54 @@ def _read(spec, path: str, field: str, errors: RowErrors) -> pa.Table:
             return pq.read_table(path)
         except (pa.ArrowInvalid, OSError) as err:
             raise SpecError(f"{path} is not readable as Parquet: {err}", field) from None
-    return _read_csv(spec, source_files(path, field, suffixes=(".csv", ".tsv", ".txt")), field, errors)
+    return _read_csv(spec, source_files(path, field, suffixes=CSV_SUFFIXES), field, errors)
 
 
 def _read_csv(spec, files: list[Path], field: str, errors: RowErrors) -> pa.Table:
-    from pyarrow import csv
+    from raybig.data.pieces import csv_table, header_end
 
-    tables = []
-    for file in files:
-        bad: list[BadRow] = []
-
-        def invalid(row, file=file, bad=bad):
-            where = f"line {row.number if row.number is not None else _line_of(file, row.text)}"
-            bad.append(BadRow(f"{file}: {where}: {row.actual_columns} values, expected {row.expected_columns}: "
-                              f"{row.text[:80]!r}", field))
-            return "skip"
-
-        try:
-            table = csv.read_csv(file, parse_options=csv.ParseOptions(delimiter=spec.delimiter,
-                                                                      invalid_row_handler=invalid))
-        except (pa.ArrowInvalid, UnicodeDecodeError) as err:
-            raise SpecError(f"{file} is not readable as CSV: {err}", field) from None
-        for err in bad:
-            errors.bad(err)
-        tables.append(table)
-    try:
-        return pa.concat_tables(tables, promote_options="permissive")
-    except pa.ArrowInvalid as err:
-        raise SpecError(f"the CSV files under {spec.path} have different columns: {err}", field) from None
-
-
-def _line_of(file: Path, text: str) -> int | str:
-    """Where a bad row is: Arrow's threaded reader does not know its line number."""
-    with open(file, encoding="utf-8", errors="replace") as lines:
-        return next((i for i, line in enumerate(lines, 1) if line.rstrip("\r\n") == text), "?")
+    return csv_table(spec, [[str(f), header_end(f), f.stat().st_size, 2] for f in files], errors, field)
 
 
 def _hf_disk(spec) -> tuple[pa.Table, pa.Table | None]:
     """A `save_to_disk` directory: a Dataset, or a DatasetDict (train, and validation or test); or, with
     `builder`, local files read by datasets' own builder for their format."""
+    datasets = _datasets()
+    if spec.builder is not None:
+        loaded = _hf_files(spec, datasets)
+        train, val = loaded["train"], loaded.get("validation")
+    else:
+        (_, train, _), *rest = hf_splits(spec)
+        val = rest[0][1] if rest else None
+    return _arrow(train), (_arrow(val) if val is not None else None)
+
+
+def hf_splits(spec) -> list[tuple[str, object, str | None]]:
+    """(split name, Dataset, train/val/None) of a save_to_disk directory: a Dataset's name is ""; a DatasetDict's
+    train split, and its first validation-like split (None when it has none: the rows are split by seed)."""
+    from raybig.data.pieces import VAL_SPLITS
+
+    datasets = _datasets()
+    if not Path(spec.path).is_dir():
+        raise SpecError(f"no such directory: {spec.path}", "data.path")
+    try:
+        loaded = datasets.load_from_disk(spec.path)
+    except (FileNotFoundError, ValueError) as err:
+        raise SpecError(f"{spec.path} is not a datasets save_to_disk directory: {err}", "data.path") from None
+    if isinstance(loaded, datasets.Dataset):
+        return [("", loaded, None)]
+    if "train" not in loaded:
+        raise SpecError(f"{spec.path} has splits {', '.join(loaded)} but no train split", "data.path")
+    val = next((s for s in VAL_SPLITS if s in loaded), None)
+    return [("train", loaded["train"], "train" if val else None)] + ([(val, loaded[val], "val")] if val else [])
+
+
+def _datasets():
     try:
         import datasets
     except ImportError:
         raise SpecError("data.source hf_disk needs datasets: pip install datasets", "data.source") from None
-    if spec.builder is not None:
-        loaded = _hf_files(spec, datasets)
-    elif not Path(spec.path).is_dir():
-        raise SpecError(f"no such directory: {spec.path}", "data.path")
-    else:
-        try:
-            loaded = datasets.load_from_disk(spec.path)
-        except (FileNotFoundError, ValueError) as err:
-            raise SpecError(f"{spec.path} is not a datasets save_to_disk directory: {err}", "data.path") from None
-    if isinstance(loaded, datasets.Dataset):
-        return _arrow(loaded), None
-    if "train" not in loaded:
-        raise SpecError(f"{spec.path} has splits {', '.join(loaded)} but no train split", "data.path")
-    val = next((loaded[s] for s in ("validation", "valid", "val", "test") if s in loaded), None)
-    return _arrow(loaded["train"]), (_arrow(val) if val is not None else None)
+    return datasets
 
 
 def _hf_files(spec, datasets):
