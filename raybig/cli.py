@@ -114,8 +114,10 @@ def run(
     except SpecError as error:
         _fail(error)
     except RunFailed as error:
-        err.print(f"[bold red]run failed[/]: {escape(str(error))}\nrerun the same command to resume from the last "
-                  "checkpoint", highlight=False)
+        hint = ("rerun the same command to resume from the last checkpoint" if error.rerun_helps else
+                "the same command would stop at the same error: fix its cause (the spec, the data or the model "
+                "code), then rerun to resume from the last checkpoint")
+        err.print(f"[bold red]run failed[/]: {escape(str(error))}\n{hint}", highlight=False)
         raise typer.Exit(1)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]: rerun the same command to resume from the last checkpoint")

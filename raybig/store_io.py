@@ -126,9 +126,10 @@ class SyncedRunStore(RunStore):
         for name in ("spec.yaml", "metrics.json", "model.json"):
             if self.fs.get_file_info(f"{self.remote}/{name}").type == pafs.FileType.File:
                 _download_file(self.fs, f"{self.remote}/{name}", self.root / name)
-        done = self._remote_checkpoints()
-        if done:
-            _download_dir(self.fs, f"{self.remote}/checkpoints/{done[-1]}", self.checkpoints / done[-1])
+        for name in reversed(self._remote_checkpoints()):  # the newest whose files match its manifest
+            _download_dir(self.fs, f"{self.remote}/checkpoints/{name}", self.checkpoints / name)
+            if self._problem(self.checkpoints / name) is None:
+                break
 
     # -- every write of RunStore, then its upload
     def clear(self, path: Path) -> None:

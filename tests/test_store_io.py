@@ -171,3 +171,18 @@ def test_data_in_the_object_store_is_mirrored_once_and_reads_as_the_local_files_
         bundle(join(s3_store, "nothing/here"))
     assert info.value.problems[0][0] == "data.path" and "no such object" in str(info.value)
     assert pafs.FileType.File == fs.get_file_info(f"{root}/qa.jsonl").type
+
+
+def test_a_damaged_newest_checkpoint_in_the_object_store_is_passed_over_for_the_one_before(s3_store):
+    location = join(s3_store, "damaged")
+    _, store = train(location, epochs=2)
+    remote = f"{store.remote}/checkpoints/epoch-0002/model.safetensors"
+    whole = store.fs.open_input_stream(remote).read()
+    with store.fs.open_output_stream(remote) as out:  # an upload cut short
+        out.write(whole[: len(whole) // 2])
+    resumed = open_run_store(location)  # a new process's store: its own local copy, fetched afresh
+    assert resumed.latest().name == "epoch-0001"
+    assert resumed.damaged() == [f"checkpoints/epoch-0002 cannot be used: model.safetensors has {len(whole) // 2} "
+                                 f"bytes where its manifest says {len(whole)} (cut short or overwritten)"]
+    more, _ = train(location, epochs=3)
+    assert [r["epoch"] for r in more] == [1, 2, 3]

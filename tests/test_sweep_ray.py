@@ -305,13 +305,18 @@ def test_a_trial_the_cluster_cannot_hold_fails_with_its_reason_and_the_sweep_goe
     assert held_after_sweep() == {"placement_groups": [], "cpus_taken": 0}
 
 
-def test_a_trial_whose_rank_dies_goes_on_from_its_last_checkpoint(ray_local, tmp_path):
+def test_a_trial_of_streamed_data_whose_rank_dies_goes_on_from_its_last_checkpoint(ray_local, tmp_path,
+                                                                                      monkeypatch):
     import psutil
 
+    from raybig.data.shards import open_entry
     from raybig.sweep.driver import run_sweep
 
+    # the sweep's cache is not the one this Ray's processes were started with: the trial must use the sweep's
+    monkeypatch.setenv("RAYBIG_CACHE", str(tmp_path / "cache"))
     spec = parse_spec({
-        "name": "failover", "model": {"kind": "cnn", "channels": [16, 32]}, "data": {"source": "digits"},
+        "name": "failover", "model": {"kind": "cnn", "channels": [16, 32]},
+        "data": {"source": "digits", "loader": "stream", "memory_mb": 1},
         # small batches: an epoch lasts about a second, long enough for the kill to land mid-run
         "train": {"epochs": 6, "batch_size": 8, "optimizer": {"name": "adam", "lr": 1e-3}, "seed": 0},
         "parallelism": {"data": 2}, "checkpoint": {"keep": 3}, "failure": {"max_failures": 1},
@@ -336,6 +341,8 @@ def test_a_trial_whose_rank_dies_goes_on_from_its_last_checkpoint(ray_local, tmp
     assert [h["epoch"] for h in history] == list(range(1, spec.train.epochs + 1))
     attempts = [h["attempt"] for h in history]
     assert len(set(attempts)) == 2 and attempts.index(attempts[-1]) >= 2  # a new group went on after epoch 2 or later
+    (entry,) = (tmp_path / "cache" / "shards").glob("rows-*")  # the ranks streamed the split from its shards
+    assert len(open_entry(entry)[0].shards) >= 3
     assert held_after_sweep() == {"placement_groups": [], "cpus_taken": 0}
 
 

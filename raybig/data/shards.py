@@ -105,8 +105,11 @@ def open_split(directory: str | Path) -> ShardedSplit:
     """A split by its directory (what the ranks are handed)."""
     directory = Path(directory)
     splits = open_entry(directory.parent)
-    if splits is None:
-        raise FileNotFoundError(f"no shard index in {directory.parent}")
+    if splits is None:  # written by the driver on another node, into a cache this node does not share
+        import socket
+
+        raise FileNotFoundError(f"the streamed data's shards {directory.parent} are not on {socket.gethostname()}: "
+                                "on more than one node RAYBIG_CACHE must be storage every node sees, at the same path")
     return splits[SPLITS.index(directory.name)]
 
 

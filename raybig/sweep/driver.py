@@ -168,7 +168,7 @@ def run_sweep(spec, *, resume: bool = False, fresh: bool = False, address: str |
     from ray import tune
 
     from raybig.cluster import cluster_cpus, embedded_cpus, ray_session
-    from raybig.data.datasets import describe
+    from raybig.data.datasets import cache_dir, describe
     from raybig.data.streaming import streams
     from raybig.sweep.live import LiveTable
     from raybig.sweep.results import best_row, plot, register_best, trial_rows, write_table
@@ -205,7 +205,7 @@ def run_sweep(spec, *, resume: bool = False, fresh: bool = False, address: str |
             live.console.print(f"[yellow]{note}[/]", highlight=False)
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base=base, space=sweep.space, root=str(sweep_dir),
-                                 gates=gate_epochs(sweep, spec.train.epochs)),
+                                 gates=gate_epochs(sweep, spec.train.epochs), cache=str(cache_dir())),
             functools.partial(trial_resources, base=base, space=sweep.space))
         if resume:
             tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=False,

@@ -27,12 +27,15 @@ REPORTED = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_precision", 
             "epoch_seconds")
 
 
-def run_trial(config: dict, *, base: dict, space: dict, root: str, gates: list[int]) -> None:
+def run_trial(config: dict, *, base: dict, space: dict, root: str, gates: list[int], cache: str = "") -> None:
     """The Tune trainable. `space` is the sweep's space (for clipping PBT's perturbations), `root` the
     sweep's directory; the trial's run lives in root/trials/<trial id>/. At the epochs in `gates` the
-    ranks wait for Tune's word (raybig.train.group.TrialGate)."""
+    ranks wait for Tune's word (raybig.train.group.TrialGate). `cache` is the driver's RAYBIG_CACHE."""
     import functools
     import os
+
+    if cache:  # a warm Ray's processes have the environment of `raybig up`, not the sweep's: use its cache
+        os.environ["RAYBIG_CACHE"] = cache
 
     from ray import tune
 

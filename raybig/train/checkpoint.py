@@ -6,15 +6,18 @@
       model.json                the model's kind, data shape/classes/vocab, epoch and metrics
       metrics.json              one record per finished epoch
       checkpoints/epoch-0003/   model.safetensors (merged) and its model.json, part-K.safetensors and
-                                part-K-trainer.pt per pipeline rank K, meta.json
+                                part-K-trainer.pt per pipeline rank K, meta.json, manifest.json
       checkpoints/epoch-0003+0000120/   the same, 120 batches into the 4th epoch (checkpoint.every_steps)
 
 Writes go to a temporary name first and are renamed into place, so a crash mid-write never
-damages the last good checkpoint. Loading never unpickles arbitrary objects: weights are
-safetensors, the optimizer state is read with torch.load(weights_only=True).
+damages the last good checkpoint. What happens to the files afterwards (a full disk, a bad copy, a
+sync cut short) is caught by the manifest: every file's size and SHA-256, checked before a checkpoint is
+resumed from; a damaged one is passed over for the newest one that checks out. Loading never unpickles
+arbitrary objects: weights are safetensors, the optimizer state is read with torch.load(weights_only=True).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -25,12 +28,47 @@ import torch
 from safetensors.torch import load_file, save_file
 
 CHECKPOINT_PREFIX = "epoch-"
+MANIFEST = "manifest.json"
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """Every file of a checkpoint with its size and checksum, so damage done after it was written shows."""
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (directory / MANIFEST).write_text(json.dumps(files, indent=1))
+
+
+def checkpoint_problem(directory: Path) -> str | None:
+    """What is wrong with a checkpoint's files against its manifest (the first file found wrong, named),
+    or None. A checkpoint written before manifests existed is taken as it is."""
+    manifest_file = directory / MANIFEST
+    if not manifest_file.is_file():
+        return None
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return f"its {MANIFEST} is not readable JSON"
+    for name, expected in manifest.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            return f"{name} has {size} bytes where its manifest says {expected['bytes']} (cut short or overwritten)"
+        if _sha256(path) != expected["sha256"]:
+            return f"{name} does not match its manifest's checksum (corrupted)"
+    return None
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -50,6 +88,8 @@ class RunStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.checkpoints = self.root / "checkpoints"
+        # checked checkpoints, by the files' (name, size, mtime): the driver and each rank ask more than once
+        self._checked: dict[tuple, str | None] = {}
 
     # -- checkpoints
     def checkpoint_dirs(self) -> list[Path]:
@@ -72,8 +112,25 @@ class RunStore:
         return int(checkpoint.name[len(CHECKPOINT_PREFIX):].split("+")[0])
 
     def latest(self) -> Path | None:
-        dirs = self.checkpoint_dirs()
-        return dirs[-1] if dirs else None
+        """The newest checkpoint whose files match its manifest; those newer than it are in `damaged()`."""
+        good = [d for d in self.checkpoint_dirs() if self._problem(d) is None]
+        return good[-1] if good else None
+
+    def damaged(self) -> list[str]:
+        """One line for each checkpoint newer than the one resumed from that cannot be used, and why."""
+        latest = self.latest()
+        return [f"{d.relative_to(self.root)} cannot be used: {self._problem(d)}" for d in self.checkpoint_dirs()
+                if (latest is None or d.name > latest.name) and self._problem(d) is not None]
+
+    def _problem(self, directory: Path) -> str | None:
+        try:
+            stamp = (directory, tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                                      for p in sorted(directory.iterdir())))
+        except FileNotFoundError:  # pruned while it was looked at
+            return "it was deleted while it was checked"
+        if stamp not in self._checked:
+            self._checked[stamp] = checkpoint_problem(directory)
+        return self._checked[stamp]
 
     def pending_checkpoint(self, epoch: int, batch: int = 0) -> Path:
         """Where the parts of a checkpoint are written before it is renamed into place.
@@ -103,6 +160,7 @@ class RunStore:
         save_file(model_state, str(pending / "model.safetensors"))
         (pending / "model.json").write_text(json.dumps(info, indent=1))  # a checkpoint can be published alone
         (pending / "meta.json").write_text(json.dumps(meta, indent=1))
+        write_manifest(pending)
         final = self.checkpoint_dir(meta["epoch"], meta.get("batch", 0))
         if final.exists():  # the same point again after a restart: replace it
             shutil.rmtree(final)

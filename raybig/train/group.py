@@ -29,7 +29,7 @@ import torch
 
 from raybig.phases import phase_item
 from raybig.train.runner import (RunFailed, explain_failure, loop_config, rank_resources, relay_progress,
-                                 resource_shortfalls, run_relaying)
+                                 rerun_helps, resource_shortfalls, run_relaying)
 
 # How long a run's ranks may take to come up (a process each, importing torch), and a run's placement
 # group to be granted: a busy machine is slow, a broken runtime environment or a full cluster never comes.
@@ -255,8 +255,8 @@ def _retrying(spec, handle, board, attempt) -> None:
         except Exception as err:  # a rank's error, or its death (ray.exceptions.RayActorError)
             relay_progress(board, handle)
             failures += 1
-            if failures > spec.failure.max_failures:
-                raise RunFailed(explain_failure(err)) from err
+            if failures > spec.failure.max_failures or not rerun_helps(err):  # not retried only to fail again
+                raise RunFailed(explain_failure(err), rerun_helps(err)) from err
             handle({"type": "restart", "failures": failures, "reason": explain_failure(err)})
         else:
             relay_progress(board, handle)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import ray
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -89,7 +90,9 @@ def epoch_table(history: list[dict], title: str | None = None) -> Table:
 
 
 class ProgressView:
-    def __init__(self, spec, console: Console | None, resumed_at: tuple[int, int] = (0, 0)):
+    def __init__(self, spec, console: Console | None, resumed_at: tuple[int, int] = (0, 0),
+                 damaged: list[str] = ()):
+        """`damaged`: the checkpoints newer than the one resumed from that failed their check, and why."""
         self.spec, self.console = spec, console or Console(stderr=True)
         # a run of train.max_steps shows its steps; one of epochs, the steps of the epoch it is in
         label = "step" if spec.train.max_steps else "epoch {task.fields[epoch]}/{task.fields[epochs]}"
@@ -99,6 +102,10 @@ class ProgressView:
         self.task = None
         self.header_done = False
         epochs, steps = resumed_at
+        for line in damaged:
+            self.console.print(f"[yellow]{escape(line)}[/]", highlight=False)
+        if damaged and not steps:
+            self.console.print("[yellow]no checkpoint before it checks out: training from the start[/]")
         if steps:
             self.console.print(f"[yellow]resuming from the checkpoint at step {steps} ({epochs} whole epochs)[/]")
 
@@ -123,8 +130,6 @@ class ProgressView:
             self.header_done = True
             self.progress.console.print(table)
         elif item["type"] == "restart":
-            from rich.markup import escape
-
             # the reason is a worker's error text, which may hold brackets (gloo's "[.../pair.cc:537]")
             self.progress.console.print(f"[yellow]a worker failed ({escape(item['reason'])}); restarting the workers "
                                         f"from the last checkpoint (failure {item['failures']} of "

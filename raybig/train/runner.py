@@ -17,7 +17,23 @@ from raybig.train.checkpoint import RunStore
 
 
 class RunFailed(RuntimeError):
-    pass
+    """A run that stopped short of its end. `rerun_helps`: whether the same command again can get past it (a
+    process or node lost, a timeout), rather than meet the same error raised by the run's own code or data."""
+
+    def __init__(self, message: str, rerun_helps: bool = True):
+        super().__init__(message)
+        self.rerun_helps = rerun_helps
+
+
+# Raised by a rank's own code on the same batch, from the same checkpoint, every time: a rerun meets it again.
+# (A RuntimeError may be a lost peer's broken connection: it is not among them.)
+REPEATABLE = (FloatingPointError, SpecError, TypeError, ValueError, AttributeError, ImportError, KeyError,
+              IndexError, NotImplementedError, AssertionError, ZeroDivisionError, FileNotFoundError)
+
+
+def rerun_helps(err: BaseException) -> bool:
+    """Ray raises a rank's error as a RayTaskError that is also an instance of the error's own class."""
+    return not isinstance(err, REPEATABLE)
 
 
 @dataclass
@@ -204,7 +220,7 @@ def run(spec: JobSpec, *, address: str | None = None, num_cpus: float | None = N
         if on_item is not None:
             fit(spec, bundle, loader, store, RankMarks(phases, on_item, spec.train.epochs), prune_checkpoints)
         else:
-            with ProgressView(spec, console, resumed_at=(done, done_steps)) as view:
+            with ProgressView(spec, console, resumed_at=(done, done_steps), damaged=store.damaged()) as view:
                 fit(spec, bundle, loader, store, RankMarks(phases, view.handle, spec.train.epochs),
                     prune_checkpoints)
         phases.mark("last step to results: evaluation, checkpoint, ranks end")
