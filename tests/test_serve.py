@@ -8,8 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import schemathesis
 import torch
 import yaml
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
+                                               status_code_conformance)
 
 from raybig.data.datasets import load
 from raybig.spec import parse_spec
@@ -162,6 +167,8 @@ BAD = [
     ("oversized", dict(body={"inputs": [[0.5] * 64] * 5000}), 413, "over the limit"),
     ("unknown model", dict(body={"inputs": [[0.0] * 64]}, path="nope"), 404, "no model named"),
     ("unknown version", dict(body={"inputs": [[0.0] * 64]}, query="?version=v9"), 404, "no version"),
+    # 200 KB of brackets, well under the 1 MB limit: the standard JSON parser ran out of stack (a 500)
+    ("nested brackets", dict(raw=b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"), 422, "nested deeper"),
     ("no token", dict(body={"inputs": [[0.0] * 64]}, token=None), 401, "token"),
     ("wrong token", dict(body={"inputs": [[0.0] * 64]}, token="guess"), 401, "token"),
 ]
@@ -242,10 +249,79 @@ def test_a_model_with_its_own_tokenizer_completes_as_its_greedy_decoding_does(se
     assert status == 200  # a byte-level tokenizer has a token for every text
 
 
+@pytest.mark.parametrize("path", ["/v1/models/tiny-lm/generate", "/v1/completions", "/v1/chat/completions"])
+def test_deeply_nested_bodies_get_a_4xx_at_every_endpoint(server, path):
+    status, reply = call(f"{server['url']}{path}", raw=b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    assert status in (400, 422) and (reply.get("detail") or reply["error"]["message"]), reply
+    assert call(f"{server['url']}/healthz", token=None)[0] == 200
+
+
+@pytest.fixture(scope="module")
+def api_schema(server):
+    return schemathesis.openapi.from_url(f"{server['url']}/openapi.json")
+
+
+SERVED = {"predict": "digits", "generate": "tiny-lm"}  # a served model of the kind each path takes
+POSTS = ["POST /v1/models/{name}/predict", "POST /v1/models/{name}/generate", "POST /v1/completions",
+         "POST /v1/chat/completions"]
+# (the GETs take no parameters: no request breaks their schema)
+FUZZED = [("GET /healthz", "positive"), ("GET /v1/models", "positive")] + \
+    [(operation, mode) for operation in POSTS for mode in ("positive", "negative")]
+
+
+@pytest.mark.parametrize("operation, mode", FUZZED)
+def test_any_request_gets_a_status_and_body_the_openapi_document_states(server, api_schema, operation, mode):
+    """Requests generated from /openapi.json (valid by its schemas, or breaking them), each sent as generated and
+    again at a model that exists: never a 5xx; only the status codes, content types and bodies it documents."""
+    from hypothesis import given
+
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+    headers = {"authorization": f"Bearer {TOKEN}"}
+    kind = operation.rsplit("/", 1)[-1]
+    documented = api_schema.find_operation_by_label(operation)
+    assert operation.startswith("GET") or documented.body.items, "the document states no body to generate from"
+    strategy = documented.as_strategy(schemathesis.GenerationMode(mode))
+
+    @given(case=strategy)
+    @settings(max_examples=25, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    def answers_as_documented(case):
+        case.call_and_validate(headers=headers, checks=checks)
+        if kind in SERVED:
+            case.path_parameters = {**(case.path_parameters or {}), "name": SERVED[kind]}
+        elif isinstance(case.body, dict) and "completions" in operation:
+            case.body = {**case.body, "model": "tiny-lm"}
+        else:
+            return
+        case.call_and_validate(headers=headers, checks=checks)
+
+    answers_as_documented()
+    assert call(f"{server['url']}/healthz", token=None)[0] == 200
+
+
+def test_sampling_at_the_edges_of_its_ranges_picks_a_token():
+    """top_p 5e-324 (0 in float32) kept no token, a temperature of 5e-324 made every logit NaN: both were a 500."""
+    from raybig.serve.generation import Sampling, next_token
+
+    logits = torch.tensor([1.0, 3.0, 2.0, 3.0 - 1e-7])
+    for temperature, top_p in [(1.0, 5e-324), (5e-324, 1.0), (5e-324, 5e-324), (2.0, 1.0)]:
+        token = next_token(logits, Sampling(1, temperature, top_p), torch.Generator().manual_seed(0))
+        assert token in ((0, 1, 2, 3) if temperature == 2.0 else (1,))
+
+
 def test_health_and_openapi(server):
     assert call(f"{server['url']}/healthz", token=None)[0] == 200
     status, doc = call(f"{server['url']}/openapi.json", token=None)
     assert status == 200 and "/v1/models/{name}/predict" in doc["paths"]
+    predict = doc["paths"]["/v1/models/{name}/predict"]["post"]
+    error = {"$ref": "#/components/schemas/ErrorResponse"}  # {"detail": str}, what the server sends
+    assert {code: r["content"]["application/json"]["schema"] for code, r in predict["responses"].items()
+            if code != "200"} == {"401": error, "404": error, "413": error, "422": error}
+    assert doc["components"]["schemas"]["ErrorResponse"]["properties"]["detail"]["type"] == "string"
+    inputs = predict["requestBody"]["content"]["application/json"]["schema"]["properties"]["inputs"]
+    assert inputs["minItems"] == 1  # an empty batch is refused, and the schema says so
+    status, reply = call(f"{server['url']}/v1/models/digits/predict?version=", raw=b"[]")
+    assert status == 422 and isinstance(reply["detail"], str)
 
 
 def test_query_command_prints_predictions(server, tmp_path):

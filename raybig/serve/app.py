@@ -25,6 +25,7 @@ import ray
 import torch
 import yaml
 from fastapi import FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from ray import serve
 
@@ -34,13 +35,29 @@ from raybig.serve import openai_compat
 from raybig.serve.inputs import as_batch, parse_predict_body
 from raybig.serve.openai_compat import ChatRequest, CompletionRequest
 from raybig.serve.replica import ServedModel
-from raybig.serve.schemas import GenerateRequest, GenerateResponse, ModelCard, PredictRequest, PredictResponse
+from raybig.serve.schemas import (GenerateRequest, GenerateResponse, ModelCard, OpenAIErrorResponse, PredictRequest,
+                                  PredictResponse, error_responses)
 from raybig.spec import ServeSpec
 from raybig.store_io import is_uri, local_model
 from raybig.train.checkpoint import RunStore
 
 APP_NAME = "raybig"
 api = FastAPI(title="raybig", description="Models trained by raybig, served by Ray Serve.")
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, err: RequestValidationError) -> Response:
+    """FastAPI's own checks (of a query or header) answer like raybig's: one message, `detail` a string."""
+    problems = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
+    return Response(orjson.dumps({"detail": "; ".join(problems)}), 422, media_type="application/json")
+
+
+# A completion's 200: one JSON body, or server-sent events when the request asks to stream.
+COMPLETION_200 = {200: {"description": "The completion (OpenAI's shape), or its stream of server-sent events.",
+                        "content": {"application/json": {}, "text/event-stream": {"schema": {  # each event
+                            "type": "object", "required": ["data"], "properties": {"data": {
+                                "type": "string", "description": "A chunk (JSON, OpenAI's shape), last [DONE]."}}}}}}}
+OPENAI_ERRORS = error_responses(400, 401, 404, 413, schema=OpenAIErrorResponse)
 
 
 @dataclass
@@ -78,8 +95,19 @@ def entry_from_arg(arg: str, trust_code: bool = False) -> ModelEntry:
 
 
 def _body(schema) -> dict:
-    """The request schema for /docs: bodies are parsed by hand so that size and auth come first."""
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema.model_json_schema()}}}}
+    """The request schema for /docs: bodies are parsed by hand so that size and auth come first. Its
+    definitions are inlined: FastAPI puts nothing of an `openapi_extra` into the document's components."""
+    doc = schema.model_json_schema()
+    definitions = doc.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            return inline(definitions[ref.rsplit("/", 1)[-1]]) if ref.startswith("#/$defs/") else \
+                {k: inline(v) for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(doc)}}}}
 
 
 def _json(content, status: int = 200) -> Response:
@@ -142,7 +170,8 @@ class ModelServer:
                 epoch=info["epoch"], metrics=info["metrics"], batching=self.models[(name, version)].batching()))
         return cards
 
-    @api.post("/v1/models/{name}/predict", response_model=PredictResponse, openapi_extra=_body(PredictRequest))
+    @api.post("/v1/models/{name}/predict", response_model=PredictResponse, openapi_extra=_body(PredictRequest),
+              responses=error_responses(401, 404, 413, 422))
     async def predict(self, name: str, request: Request, version: str | None = Query(None),
                       x_model_version: str | None = Header(None)) -> Response:
         # The hot path: the body is parsed by orjson and checked by numpy, not by a pydantic model of a
@@ -160,7 +189,8 @@ class ModelServer:
             predictions = [{"label": int(p.argmax()), "probabilities": p} for p in np.round(outputs, 6)]
         return _json({"model": name, "version": entry["version"], "predictions": predictions})
 
-    @api.post("/v1/models/{name}/generate", response_model=GenerateResponse, openapi_extra=_body(GenerateRequest))
+    @api.post("/v1/models/{name}/generate", response_model=GenerateResponse, openapi_extra=_body(GenerateRequest),
+              responses=error_responses(401, 404, 413, 422))
     async def generate(self, name: str, request: Request, version: str | None = Query(None),
                        x_model_version: str | None = Header(None)) -> GenerateResponse:
         raw = await self._read(request)
@@ -181,12 +211,12 @@ class ModelServer:
         text = await asyncio.to_thread(model.generate, body.prompt, body.max_new_tokens, body.temperature, body.seed)
         return GenerateResponse(model=name, version=entry["version"], text=text)
 
-    @api.post("/v1/completions", openapi_extra=_body(CompletionRequest))
+    @api.post("/v1/completions", openapi_extra=_body(CompletionRequest), responses={**COMPLETION_200, **OPENAI_ERRORS})
     async def completions(self, request: Request) -> Response:
         """OpenAI's completions API (docs/serving.md): `model` is a served name, or name:version."""
         return await self._openai(request, chat=False)
 
-    @api.post("/v1/chat/completions", openapi_extra=_body(ChatRequest))
+    @api.post("/v1/chat/completions", openapi_extra=_body(ChatRequest), responses={**COMPLETION_200, **OPENAI_ERRORS})
     async def chat_completions(self, request: Request) -> Response:
         """OpenAI's chat completions API; messages go through the chat template recorded with the run."""
         return await self._openai(request, chat=True)

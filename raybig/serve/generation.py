@@ -25,11 +25,15 @@ class Sampling:
 def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
     if sampling.temperature == 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    # shifted so that the largest is 0: a temperature near 0 then gives -inf, never inf - inf (NaN)
+    logits = logits.double()
+    probs = torch.softmax((logits - logits.max()) / sampling.temperature, dim=-1)
     if sampling.top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
-        # keep the smallest set of most likely tokens whose mass reaches top_p (always the first)
+        # keep the smallest set of most likely tokens whose mass reaches top_p (always the first, whatever
+        # top_p's rounding)
         keep = sorted_probs.cumsum(-1) - sorted_probs < sampling.top_p
+        keep[0] = True
         probs = torch.zeros_like(probs).scatter(-1, order[keep], sorted_probs[keep])
     return int(torch.multinomial(probs, 1, generator=generator))
 

@@ -5,6 +5,8 @@ import numpy as np
 import orjson
 from fastapi import HTTPException
 
+MAX_DEPTH = 1024  # orjson's limit on nested arrays and objects
+
 
 def parse_predict_body(raw: bytes) -> list:
     """The `inputs` of a predict body, {"inputs": [...]} and nothing else, or a 422.
@@ -14,10 +16,12 @@ def parse_predict_body(raw: bytes) -> list:
     """
     try:
         body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+    except orjson.JSONDecodeError as err:
+        if "recursion" in str(err):  # the standard parser would exhaust the stack on it (a 500)
+            raise HTTPException(422, f"body: nested deeper than {MAX_DEPTH} levels ({err})") from None
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as err:
+        except (ValueError, UnicodeDecodeError, RecursionError) as err:
             raise HTTPException(422, f"body: Invalid JSON ({err})") from None
     if not isinstance(body, dict) or "inputs" not in body:
         raise HTTPException(422, 'body: expected a JSON object {"inputs": [sample, ...]}')

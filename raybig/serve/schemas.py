@@ -9,7 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    inputs: list[Any] = Field(description="A batch of samples: each the model's input shape (e.g. 8 x 8) or flat.")
+    inputs: list[list[Any]] = Field(
+        min_length=1, description="A batch of samples, each a (nested) list of numbers: the model's input_shape "
+        "(GET /v1/models; e.g. 8 x 8) or flat. At most the model's serve.max_samples_per_request samples (413).")
 
 
 class Prediction(BaseModel):
@@ -49,3 +51,30 @@ class ModelCard(BaseModel):
     epoch: int
     metrics: dict[str, Any]
     batching: dict[str, Any]
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx of raybig's own endpoints: one message saying what is wrong."""
+    detail: str = Field(description="What is wrong with the request, and where.")
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorResponse(BaseModel):
+    """The OpenAI-compatible endpoints' 4xx, in OpenAI's error shape."""
+    error: OpenAIErrorDetail
+
+
+ERROR_MEANINGS = {400: "The body is malformed or a field is out of range.", 401: "Missing or wrong bearer token.",
+                  404: "No such model, or no such version of it.", 413: "The body, or its number of samples, is over the limit.",
+                  422: "The body is malformed, or its samples do not fit the model."}
+
+
+def error_responses(*statuses: int, schema: type[BaseModel] = ErrorResponse) -> dict:
+    """The 4xx an endpoint answers, for the OpenAPI document (FastAPI's own 422 shape is not used)."""
+    return {status: {"model": schema, "description": ERROR_MEANINGS[status]} for status in statuses}
