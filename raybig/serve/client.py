@@ -21,7 +21,8 @@ def read_inputs(path: str) -> list:
             return np.atleast_2d(np.loadtxt(p, delimiter=",", dtype=np.float32)).tolist()
         if p.suffix == ".npy":
             return np.load(p, allow_pickle=False).tolist()  # never unpickle a user's file
-    except (ValueError, KeyError, json.JSONDecodeError) as err:
+    # (an empty .npy is an EOFError, a header it cannot read an OSError, 100k brackets a RecursionError)
+    except (ValueError, KeyError, EOFError, OSError, RecursionError) as err:
         raise SpecError(f"{path}: cannot read samples ({err})", "--input") from None
     raise SpecError(f"{path}: expected a .json, .csv or .npy file", "--input")
 
