@@ -1,8 +1,10 @@
 """The driver side of `raybig run`: check the plan, prepare the store, start the worker group, show progress."""
 from __future__ import annotations
 
-import warnings
+import os
+import socket
 import threading
+import warnings
 import time
 from dataclasses import dataclass, field
 
@@ -260,7 +262,8 @@ def loop_config(spec: JobSpec, bundle, loader: str, store: RunStore, board=None,
     return {"spec": spec.model_dump(mode="json"), "meta": bundle.meta.to_dict(), "loader": loader,
             "tokenizer_json": bundle.meta.extra.get("tokenizer_json"),  # rank 0 writes it into hf/
             "store": store.location, "threads": max(1, int(spec.resources.cpus_per_worker)), "board": board,
-            "splits": splits, "prune_checkpoints": prune_checkpoints}
+            "splits": splits, "prune_checkpoints": prune_checkpoints,
+            "driver": {"host": socket.gethostname(), "pid": os.getpid()}}  # the ranks end if it dies
 
 
 def pick_loader(spec: JobSpec, bundle) -> tuple[str, object]:

@@ -32,4 +32,37 @@ def run_rank(config: dict, rank: int, world: int, device: torch.device, stop=Non
     word = (lambda epoch: ray.get(board.word_for.remote(epoch))) if gates and progress else None
     env = WorkerEnv(rank, world, device, *sources, progress=progress, attempt=config.get("attempt", ""),
                     prune_checkpoints=config["prune_checkpoints"], gate_epochs=gates, word=word, stop=stop)
-    fit(spec, meta, env, open_run_store(config["store"]))
+    done = watch_driver(config.get("driver"))
+    try:
+        fit(spec, meta, env, open_run_store(config["store"]))
+    finally:
+        done.set()
+
+
+DRIVER_CHECK_S = 1.0
+
+
+def watch_driver(driver: dict | None):
+    """End this rank's process as soon as the process that started the run is gone (a `raybig run` killed
+    with SIGKILL): nobody reads what it trains, and Ray ends a dead driver's actors only once it sees the job
+    gone, which took tens of seconds while the ranks trained on. Only a rank on the driver's own node can see
+    it; on a cluster the others are Ray's to end. Returns the event that ends the watch (the run is over)."""
+    import os
+    import socket
+    import threading
+
+    done = threading.Event()
+    if not driver or driver["host"] != socket.gethostname() or driver["pid"] == os.getpid():
+        return done
+
+    def watch():
+        while not done.wait(DRIVER_CHECK_S):
+            try:
+                os.kill(driver["pid"], 0)
+            except ProcessLookupError:
+                os._exit(1)  # no finally blocks, no collectives left waiting on a peer: the process ends here
+            except PermissionError:  # alive (another user's process)
+                pass
+
+    threading.Thread(target=watch, name="raybig-driver-watch", daemon=True).start()
+    return done
