@@ -24,7 +24,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def train(root: Path) -> Path:
+def train(root: Path, raw: dict | None = None) -> Path:
+    """A one-epoch run of `raw` (by default the MLP above) trained in this process, for a server to load."""
     import torch
 
     from raybig.data.datasets import load
@@ -33,9 +34,9 @@ def train(root: Path) -> Path:
     from raybig.train.checkpoint import RunStore
     from raybig.train.loop import WorkerEnv, fit
 
-    spec = parse_spec({"name": "bench-mlp", "model": {"kind": "mlp", "hidden": [1024, 1024]},
-                       "data": {"source": "digits"}, "train": {"epochs": 1},
-                       "serve": {"max_batch_size": 32, "batch_wait_ms": 2, "cpus_per_replica": 1}})
+    spec = parse_spec(raw or {"name": "bench-mlp", "model": {"kind": "mlp", "hidden": [1024, 1024]},
+                              "data": {"source": "digits"}, "train": {"epochs": 1},
+                              "serve": {"max_batch_size": 32, "batch_wait_ms": 2, "cpus_per_replica": 1}})
     bundle = load(spec.data)
     store = RunStore(root / spec.name)
     env = WorkerEnv(0, 1, torch.device("cpu"), MemorySource(bundle.train.x, bundle.train.y, 64, 0, 1, 0),
@@ -73,6 +74,15 @@ def direct_url(proc) -> str:
     raise RuntimeError(f"raybig serve printed no direct address (exit code {proc.wait()})")
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    """Ctrl-C to a server started in its own process group (only that group), SIGKILL if it will not end."""
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 def measure(name: str, cmd: list[str], base: str, args) -> dict:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True, text=True)
     try:
@@ -82,11 +92,7 @@ def measure(name: str, cmd: list[str], base: str, args) -> dict:
         load(f"{base}/v1/models/bench-mlp/predict", 4, 2)  # warm-up
         return {c: load(f"{base}/v1/models/bench-mlp/predict", c, args.seconds) for c in args.concurrency}
     finally:
-        os.killpg(proc.pid, signal.SIGINT)  # only the process group this script started
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_server(proc)
 
 
 def main() -> None:

@@ -431,6 +431,9 @@ class ServeSpec(Strict):
     gpus_per_replica: float = Field(default=0.0, ge=0)
     max_payload_bytes: int = Field(default=1_000_000, ge=1024, description="Larger request bodies get 413.")
     max_samples_per_request: int = Field(default=1024, ge=1)
+    request_timeout_s: float = Field(
+        default=30.0, gt=0, le=86_400, description="A request through Serve's HTTP proxy not answered within "
+        "this many seconds gets 408; a generation streaming past it is cut off there.")
     auth_token_env: str | None = Field(
         default=None, description="Name of an environment variable holding a bearer token; requests without it get 401.")
     host: str = "127.0.0.1"

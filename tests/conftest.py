@@ -25,6 +25,15 @@ def ray_local():
     yield
 
 
+@pytest.fixture(scope="module")
+def no_ray_in_this_process():
+    """For a module whose commands start (or attach to) a Ray of their own: never two at once."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _stop_ray_at_the_end():
     yield
@@ -48,9 +57,10 @@ def spec_dict(tmp_path, **sections) -> dict:
     return base
 
 
-def processes_left(mark: str, within_s: float = 30.0) -> list[str]:
+def processes_left(mark: str, within_s: float = 30.0, named: str | tuple[str, ...] = "") -> list[str]:
     """Processes whose environment carries RAYBIG_COMMAND_MARK=`mark` (a command started with it, and the Ray it
-    started: GCS, raylet and workers inherit the variable) still alive after up to `within_s`."""
+    started: GCS, raylet and workers inherit the variable), and whose name starts with `named` (one of), still alive
+    after up to `within_s`."""
     import time
 
     import psutil
@@ -62,7 +72,8 @@ def processes_left(mark: str, within_s: float = 30.0) -> list[str]:
         for proc in psutil.process_iter(["pid", "cmdline"]):
             try:
                 with open(f"/proc/{proc.pid}/environ", "rb") as f:
-                    if needle in f.read().split(b"\0") and proc.status() != psutil.STATUS_ZOMBIE:
+                    if needle in f.read().split(b"\0") and proc.status() != psutil.STATUS_ZOMBIE and \
+                            proc.name().startswith(named):
                         left.append(f"{proc.pid} {' '.join(proc.info['cmdline'] or [])[:120]}")
             except (OSError, psutil.Error):
                 continue

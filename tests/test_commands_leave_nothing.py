@@ -15,14 +15,6 @@ from conftest import processes_left, spec_dict
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
 
-@pytest.fixture(scope="module")
-def no_ray_in_this_process():
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()  # each command below starts its own Ray; never two at once
-
-
 def command(*args, mark: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "raybig", *args], text=True,
                             env={**os.environ, "RAYBIG_COMMAND_MARK": mark}, **kwargs)

@@ -32,7 +32,7 @@ def with_serve_section(store, **serve):
     raw = yaml.safe_load(path.read_text()) if path.exists() else None
     raw = raw or {"name": "x", "model": {"kind": "mlp", "hidden": [64]}, "data": {"source": "digits"}}
     raw["serve"] = {"cpus_per_replica": 0.5, "max_batch_size": 16, "batch_wait_ms": 20,
-                    "auth_token_env": "RAYBIG_TEST_TOKEN", **serve}
+                    "auth_token_env": "RAYBIG_TEST_TOKEN", "request_timeout_s": 45, **serve}
     path.write_text(yaml.safe_dump(raw))
 
 
@@ -154,6 +154,10 @@ def test_versions_default_query_and_header(server):
     status, cards = call(f"{server['url']}/v1/models")
     assert status == 200
     assert {(c["name"], c["version"], c["default"]) for c in cards} >= {("digits", "v1", True), ("digits", "v2", False)}
+    assert len({(c["replica"], c["replica_started"]) for c in cards}) == 1  # the one replica, holding every version
+    from ray.serve.context import _get_global_client
+
+    assert _get_global_client().http_config.request_timeout_s == 45  # the spec's serve.request_timeout_s
 
 
 BAD = [

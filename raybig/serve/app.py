@@ -16,6 +16,7 @@ import gc
 import hmac
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,6 +129,8 @@ class ModelServer:
         self.defaults = defaults
         self.max_payload_bytes = settings["max_payload_bytes"]
         self.token = settings.get("token")
+        # who answers: after a replica is lost, /v1/models shows its successor (a new id, a later start)
+        self.replica, self.started = serve.get_replica_context().replica_id.unique_id, time.time()
         # Everything loaded so far (Ray, torch, FastAPI, the weights) lives as long as the replica: out of the
         # collector's sight, a full collection no longer walks it, which had stalled every request ~150 ms.
         gc.freeze()
@@ -167,7 +170,8 @@ class ModelServer:
             cards.append(ModelCard(
                 name=name, version=version, default=self.defaults[name] == version, kind=info["kind"],
                 task=info["data"]["task"], input_shape=info["data"]["shape"], classes=info["data"]["num_classes"],
-                epoch=info["epoch"], metrics=info["metrics"], batching=self.models[(name, version)].batching()))
+                epoch=info["epoch"], metrics=info["metrics"], batching=self.models[(name, version)].batching(),
+                replica=self.replica, replica_started=self.started))
         return cards
 
     @api.post("/v1/models/{name}/predict", response_model=PredictResponse, openapi_extra=_body(PredictRequest),
@@ -292,7 +296,7 @@ def start(entries: list[ModelEntry], host: str, port: int) -> str:
     from ray.serve.context import _get_global_client
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # per-request logs stay in Ray's log files
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": entries[0].serve.request_timeout_s})
     serve._run(build_app(entries), name=APP_NAME, route_prefix="/", _blocking=False)
     try:
         _get_global_client()._wait_for_application_running(APP_NAME, timeout_s=START_TIMEOUT_S)

@@ -51,6 +51,8 @@ class ModelCard(BaseModel):
     epoch: int
     metrics: dict[str, Any]
     batching: dict[str, Any]
+    replica: str = Field(description="The replica that answered (each one holds every version).")
+    replica_started: float = Field(description="When that replica loaded its models (Unix time, s).")
 
 
 class ErrorResponse(BaseModel):

@@ -52,8 +52,10 @@ def run_trial(config: dict, *, base: dict, space: dict, root: str, gates: list[i
     if reason:  # Tune gave it no bundles (raybig.sweep.driver.trial_resources): it could wait for ever
         raise RunFailed(reason)
     store = RunStore(Path(spec.output.dir) / spec.name)
-    store.discard()  # a trial starts from Tune's checkpoint or from scratch, never from leftovers
     restored = tune.get_checkpoint()
+    if restored is None and _ended_before(store, config):
+        return
+    store.discard()  # a trial starts from Tune's checkpoint or from scratch, never from leftovers
     if restored is not None:
         with restored.as_directory() as directory:
             history = _install(Path(directory), store)
@@ -83,9 +85,43 @@ def run_trial(config: dict, *, base: dict, space: dict, root: str, gates: list[i
     try:
         run(spec, num_cpus=cluster_cpus(), on_item=relay, prune_checkpoints=False,
             fit_with=functools.partial(fit_in_trial, gate_epochs=gates), phases=phases)
+    except RunFailed as err:
+        if not err.rerun_helps:  # a diverged loss, the trial's own error: it would fail the same way again
+            _write_ended(store, config, reason=str(err))
+        raise
+    else:
+        _write_ended(store, config)
     finally:
         phases.mark("trial ends")
         save_phases()
+
+
+ENDED = "ended.json"
+
+
+def _write_ended(store: RunStore, config: dict, reason: str | None = None) -> None:
+    """Record how the trial ended (finished, or `reason` it failed for) in its own store, as soon as it has.
+    Tune saves its record of the sweep every several seconds: a sweep whose driver was killed in between
+    resumes such a trial as unfinished, and then meets this record instead of training it again."""
+    ended = {"config": config, **({"reason": reason} if reason is not None else {})}
+    (store.root / ENDED).write_text(json.dumps(ended, default=str))
+
+
+def _ended_before(store: RunStore, config: dict) -> bool:
+    """Whether this trial, with this config, ended before (raybig.sweep.trial._write_ended): then its last
+    result goes to Tune again, or its error is raised again, and it trains nothing."""
+    from raybig.train.runner import RunFailed
+
+    try:
+        ended = json.loads((store.root / ENDED).read_text())
+    except (OSError, ValueError):
+        return False
+    if ended.get("config") != json.loads(json.dumps(config, default=str)):
+        return False
+    if "reason" in ended:
+        raise RunFailed(ended["reason"], rerun_helps=False)
+    _report(store.history()[-1], store)
+    return True
 
 
 def _install(checkpoint: Path, store: RunStore) -> list[dict]:
