@@ -117,6 +117,12 @@ def end_group(state: Path, timeout: float = 10) -> bool:
     deadline = time.time() + timeout
     while (_alive(pgid) or ours()) and time.time() < deadline:
         time.sleep(0.5)
+    # a SIGKILLed process takes a moment to exit, and one forked meanwhile missed the signal: the group is down
+    # only once none of it is left (a caller checking at once had found it still there)
+    deadline = time.time() + timeout
     signal_all(signal.SIGKILL)
+    while (_alive(pgid) or ours()) and time.time() < deadline:
+        time.sleep(0.1)
+        signal_all(signal.SIGKILL)
     state.unlink()
     return True

@@ -69,14 +69,13 @@ def _alive(pid: int) -> bool:
     the signal test alone would call it alive for as long as its parent lets it be."""
     import os
 
+    from raybig.procs import stat_of
+
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # alive (another user's process)
         return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:  # no /proc (macOS): the signal's answer stands
-        return True
+    stat = stat_of(pid)
+    return stat is None or stat[0] != "Z"  # None: no /proc (macOS), where the signal's answer stands
