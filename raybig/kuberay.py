@@ -140,8 +140,8 @@ def rayservice(spec: JobSpec, layout: Layout) -> dict | None:
     from raybig.serve.export import rayservice as serve_rayservice, serve_config
 
     run = f"{spec.name}:{spec.serve.version}={join(STORE_MOUNT, spec.name)}"
-    return serve_rayservice(f"{resource_name(spec)}-serve", serve_config([run], spec.serve.port), layout.image,
-                            layout.claim)
+    config = serve_config([run], spec.serve.port, spec.serve.request_timeout_s)
+    return serve_rayservice(f"{resource_name(spec)}-serve", config, layout.image, layout.claim)
 
 
 def manifests(spec: JobSpec, image: str | None = None, store_claim: str | None = None, store: str | None = None,

@@ -8,11 +8,12 @@ import ray
 RAY_IMAGE = f"rayproject/ray:{ray.__version__}-py311-cpu"
 
 
-def serve_config(runs: list[str], port: int, trust_code: bool = False) -> dict:
+def serve_config(runs: list[str], port: int, request_timeout_s: float, trust_code: bool = False) -> dict:
+    """The Serve config of `raybig serve`'s application; the proxy's options as `raybig serve` sets them."""
     args = {"runs": runs, **({"trust_code": True} if trust_code else {})}
     return {
         "proxy_location": "HeadOnly",
-        "http_options": {"host": "0.0.0.0", "port": port},
+        "http_options": {"host": "0.0.0.0", "port": port, "request_timeout_s": request_timeout_s},
         "applications": [{"name": "raybig", "route_prefix": "/", "import_path": "raybig.serve.deploy:app",
                           "args": args}],
     }
@@ -52,7 +53,8 @@ def export(entries, out_dir: str, port: int, image: str = RAY_IMAGE, store_claim
     lives on the cluster (e.g. /models), keeping its own name."""
     runs = [f"{e.name}:{e.version}=" + (f"{path_prefix.rstrip('/')}/{Path(e.run_dir).name}" if path_prefix else e.run_dir)
             for e in entries]
-    config = serve_config(runs, port, trust_code=any(e.trust_code for e in entries))
+    config = serve_config(runs, port, entries[0].serve.request_timeout_s,
+                          trust_code=any(e.trust_code for e in entries))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = f"raybig-{entries[0].name}".lower().replace("_", "-").replace(".", "-")[:50]
