@@ -49,12 +49,24 @@ def validate(
     spec = _load(spec_path, set_)
     try:
         meta = describe(spec.data, spec.model)
-        check_plan(spec, meta, embedded_cpus(num_cpus))
+        notes = check_plan(spec, meta, embedded_cpus(num_cpus))
     except SpecError as error:
         _fail(error)
     p = spec.parallelism
     out.print(f"[green]ok[/]: {spec_path} ({spec.name}: {spec.model.kind} on {spec.data.source}, "
               f"{p.workers} worker(s): data {p.data} x pipeline {p.pipeline.stages})", highlight=False)
+    for note in notes:
+        out.print(f"  {escape(note)}", highlight=False)
+    if spec.init_from is not None:  # what init_from.train_last counts
+        from raybig.models import build_model
+        from raybig.models.parts import NoParts, model_parts
+
+        try:
+            parts = model_parts(build_model(spec.model, meta), getattr(spec.model, "blocks", None))
+            out.print("  parts: " + ", ".join(f"{i} {next(iter(part.modules))} ({part.name})"
+                                              for i, part in enumerate(parts)), highlight=False)
+        except NoParts:
+            pass
     if p.pipeline.stages > 1:
         from raybig.models import build_model
         from raybig.models.parts import model_parts
@@ -307,6 +319,74 @@ def query(
         table.add_row(str(i), str(p["label"]), f"{p['probabilities'][p['label']]:.3f}",
                       f"{ranked[1]} ({p['probabilities'][ranked[1]]:.3f})" if len(ranked) > 1 else "")
     out.print(table)
+
+
+@app.command()
+def compress(
+    run_dir: str = typer.Argument(..., metavar="RUN", help="A trained run's directory."),
+    method: str = typer.Option(..., help="quantize (int8 Linear/LSTM weights), prune (zero the smallest weights, "
+                               "then fine-tune) or low_rank (factorise Linear layers)."),
+    sparsity: float = typer.Option(0.8, help="prune: the fraction of weights set to zero."),
+    scope: str = typer.Option("global", help="prune: global (one threshold for every layer) or layer (each its own)."),
+    finetune_epochs: int = typer.Option(2, help="prune: epochs of fine-tuning with the zeros kept (0: none)."),
+    rank: Optional[int] = typer.Option(None, help="low_rank: the rank of every factorised layer."),
+    energy: Optional[float] = typer.Option(None, help="low_rank: keep the smallest rank holding this fraction of "
+                                           "each layer's energy (default 0.9 when --rank is not given)."),
+    name: Optional[str] = typer.Option(None, help="The new run's name, beside RUN (default e.g. RUN-int8)."),
+    fresh: bool = typer.Option(False, help="Replace a run of that name."),
+    num_cpus: Optional[float] = typer.Option(None, help="prune: logical CPUs of the fine-tune's embedded Ray."),
+    trust_code: bool = typer.Option(False, help="RUN is a python model: loading it runs its factory's code."),
+):
+    """Make a smaller model of a trained run: a new run that `raybig serve` serves, with a comparison table
+    (parameters, bytes on disk, CPU latency per batch, accuracy) and plot against the original."""
+    from pathlib import Path
+
+    from raybig.lifecycle import compress as c
+
+    parent = Path(run_dir)
+    problems = []
+    if method not in c.METHODS:
+        problems.append(("--method", f"{method!r} is not one of: {', '.join(c.METHODS)}"))
+    if not 0 < sparsity < 1:
+        problems.append(("--sparsity", f"expected a fraction between 0 and 1, got {sparsity}"))
+    if scope not in ("global", "layer"):
+        problems.append(("--scope", f"{scope!r} is not one of: global, layer"))
+    if finetune_epochs < 0:
+        problems.append(("--finetune-epochs", "expected 0 or more"))
+    if rank is not None and rank < 1:
+        problems.append(("--rank", "expected 1 or more"))
+    if energy is not None and not 0 < energy <= 1:
+        problems.append(("--energy", f"expected a fraction in (0, 1], got {energy}"))
+    if rank is not None and energy is not None:
+        problems.append(("--energy", "give --rank or --energy, not both"))
+    if not (parent / "model.json").is_file():
+        problems.append(("RUN", f"{parent} holds no trained model (no model.json)"))
+    energy = energy if energy is not None or rank is not None else 0.9
+    target = parent.parent / (name or c.default_name(parent.name, method, sparsity, rank, energy))
+    if target.resolve() == parent.resolve():
+        problems.append(("--name", "the new run needs a name of its own"))
+    elif target.exists() and not fresh:
+        problems.append(("--name", f"{target} exists; pass --fresh to replace it, or another --name"))
+    if problems:
+        _fail(SpecError(problems))
+    from raybig.models.user import UntrustedCode
+    from raybig.train.runner import RunFailed
+
+    try:
+        _, rows = c.compress(parent, target, method, sparsity=sparsity, scope=scope, rank=rank, energy=energy,
+                             finetune_epochs=finetune_epochs, num_cpus=num_cpus, console=err, trust_code=trust_code)
+    except SpecError as error:  # the fine-tune's spec or plan
+        _fail(error)
+    except RunFailed as error:
+        err.print(f"[bold red]fine-tune failed[/]: {escape(str(error))}", highlight=False)
+        raise typer.Exit(1)
+    except ValueError as error:  # already compressed; no layer gets smaller at that rank
+        _fail(SpecError(str(error), "--method"))
+    except (UntrustedCode, OSError) as error:  # a python model without --trust-code; an unreadable run
+        _fail(SpecError(str(error), "RUN"))
+    out.print(c.table(rows), highlight=False)
+    out.print(f"model: {target}/model.safetensors (raybig serve {target})\n"
+              f"compared: {target}/compression.json, compression.png", highlight=False)
 
 
 @app.command()

@@ -166,8 +166,23 @@ class _TextCommon(_DataCommon):
         return True
 
 
-class DigitsData(_DataCommon):
+class _BuiltinData(_DataCommon):
+    train_fraction: float = Field(default=1.0, gt=0, le=1, description="Train on this fraction of the training "
+                                  "rows (drawn per class with a fixed seed, the same in every run); validation "
+                                  "keeps all of its rows. A small labelled set, e.g. to distil onto.")
+
+
+class DigitsData(_BuiltinData):
     source: Literal["digits"]
+    classes: list[Annotated[int, Field(ge=0, le=9)]] | None = Field(
+        default=None, min_length=2, description="Keep only these digits, as classes 0..k-1 in the order given "
+        "(e.g. [5, 6, 7, 8, 9]); default all ten.")
+
+    @model_validator(mode="after")
+    def _distinct_classes(self):
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes must be distinct digits, got {self.classes}")
+        return self
 
 
 class TextData(_TextCommon):
@@ -258,7 +273,7 @@ class ImageFolderData(_DataCommon):
     on_error: Literal["fail", "skip"] = Field(default="fail", description="An image that cannot be decoded.")
 
 
-class SyntheticData(_DataCommon):
+class SyntheticData(_BuiltinData):
     source: Literal["synthetic"]
     samples: int = Field(default=2048, ge=16)
     features: int = Field(default=16, ge=1)
@@ -548,6 +563,41 @@ class SweepSpec(Strict):
         return self.trials or 8
 
 
+class InitFromSpec(Strict):
+    """Fine-tuning: a fresh run that starts from trained weights instead of random ones."""
+    source: str = Field(min_length=1, description="The weights to start from: a run's name in output.dir, a run "
+                        "directory (its model.safetensors), or a .safetensors file.")
+    freeze: list[str] = Field(default_factory=list, description="Parameter names, or prefixes of them (blocks.0), "
+                              "that keep their loaded values.")
+    train_last: int | None = Field(default=None, ge=1, description="Freeze every part of the model but the last "
+                                   "N (a classifier's head is its last part); `raybig validate` lists the parts.")
+    pretrained_lr_scale: float = Field(default=1.0, gt=0, le=1, description="Loaded weights train at this fraction "
+                                       "of train.optimizer.lr; re-initialised ones (a head whose shape changed) at "
+                                       "the full rate.")
+    keep_zeros: bool = Field(default=False, description="Loaded weights that are exactly zero stay zero (the "
+                             "fine-tune of a pruned model).")
+
+
+class DistillSpec(Strict):
+    """Knowledge distillation: the student (this spec's model) learns from a trained teacher's outputs."""
+    teacher: str = Field(min_length=1, description="A trained run: its name in output.dir or its directory.")
+    temperature: float = Field(default=2.0, gt=0, description="Softens both models' outputs before they are "
+                               "compared; the soft loss is scaled by its square.")
+    alpha: float = Field(default=0.5, ge=0, le=1, description="Weight of the soft loss (the student's KL "
+                         "divergence from the teacher); 1 - alpha weighs the usual loss on the labels.")
+    trust_code: bool = Field(default=False, description="A teacher that is a python model runs its factory's code: "
+                             "only with this set.")
+
+
+def run_reference(ref: str, output_dir: str) -> str:
+    """A run name (no slash) lives in output.dir; anything else is a path. Absolute, so every process, in any
+    directory, reads the same files."""
+    if "://" in ref:
+        return ref
+    path = Path(ref).expanduser() if ("/" in ref or ref.endswith(".safetensors")) else Path(output_dir) / ref
+    return str(path.resolve())
+
+
 class JobSpec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Run name; also its directory in the model store.")
     model: ModelSpec
@@ -561,10 +611,37 @@ class JobSpec(Strict):
     output: OutputSpec = Field(default_factory=OutputSpec)
     serve: ServeSpec = Field(default_factory=ServeSpec)
     sweep: SweepSpec | None = Field(default=None, description="Used by `raybig sweep`; `raybig run` ignores it.")
+    init_from: InitFromSpec | None = Field(default=None, description="Fine-tune: start from trained weights "
+                                           "(docs/lifecycle.md).")
+    distill: DistillSpec | None = Field(default=None, description="Train the model as a student of a trained "
+                                        "teacher (docs/lifecycle.md).")
 
     @model_validator(mode="after")
     def _cross_field(self):
         problems = []
+        if "://" in self.output.dir:  # run names in an object store are not paths here
+            if self.init_from is not None and "/" not in self.init_from.source:
+                problems.append(("init_from.source", "a run in an object-store output.dir cannot be named; give "
+                                 "a local run directory or .safetensors file"))
+            if self.distill is not None and "/" not in self.distill.teacher:
+                problems.append(("distill.teacher", "a run in an object-store output.dir cannot be named; give a "
+                                 "local run directory"))
+        else:
+            if self.init_from is not None:
+                self.init_from.source = run_reference(self.init_from.source, self.output.dir)
+            if self.distill is not None:
+                self.distill.teacher = run_reference(self.distill.teacher, self.output.dir)
+        if self.init_from is not None and self.model.kind == "hf" and self.model.lora:
+            problems.append(("init_from", "LoRA trains adapters on model.pretrained; init_from does not combine "
+                             "with model.lora"))
+        if self.init_from is not None and self.init_from.keep_zeros and self.parallelism.data_mode == "fsdp":
+            problems.append(("init_from.keep_zeros", "keeps zeros of whole weights: use parallelism.data_mode ddp"))
+        if self.distill is not None and self.train.loss == "mse":
+            problems.append(("distill", "distillation trains with cross_entropy on the labels beside the "
+                             "teacher's soft targets; train.loss is mse"))
+        if self.distill is not None and self.data.is_regression:
+            problems.append(("distill", "distillation matches a classifier's or a language model's output "
+                             "distribution; this data is a regression"))
         if self.train.batch_size % self.parallelism.data:
             problems.append(("train.batch_size", f"global batch {self.train.batch_size} is not divisible by "
                              f"parallelism.data {self.parallelism.data}"))

@@ -53,11 +53,15 @@ def server(ray_local, tmp_path_factory, monkeypatch_module):
     qa_store, regression_store = bpe_lm(out), regression(out)
     for store in (v1, v2, lm_store, qa_store, regression_store):
         with_serve_section(store)
-    entries = [entry_from_arg(f"digits:v2={v2.root}"), entry_from_arg(f"digits:v1={v1.root}"),
+    from raybig.lifecycle.compress import compressed_run
+
+    compressed_run(v1.root, out / "v1-int8", "quantize")  # raybig compress: a run like any other, int8 inside
+    entries = [entry_from_arg(f"digits:int8={out / 'v1-int8'}"), entry_from_arg(f"digits:v2={v2.root}"),
+               entry_from_arg(f"digits:v1={v1.root}"),
                entry_from_arg(str(lm_store.root)), entry_from_arg(str(qa_store.root)),
                entry_from_arg(str(regression_store.root))]
     url = start(entries, "127.0.0.1", PORT)
-    yield {"url": url, "v1": v1.root, "v2": v2.root, "qa": qa_store.root, "regression": regression_store.root}
+    yield {"url": url, "v1": v1.root, "v2": v2.root, "int8": out / "v1-int8", "qa": qa_store.root, "regression": regression_store.root}
     serve.shutdown()
 
 
@@ -139,6 +143,20 @@ def test_predictions_equal_the_local_forward_pass(server):
     got = np.array([p["probabilities"] for p in reply["predictions"]])
     np.testing.assert_allclose(got, expected, atol=2e-6)
     assert [p["label"] for p in reply["predictions"]] == expected.argmax(1).tolist()
+
+
+def test_a_quantized_run_is_served_as_any_run(server):
+    x, _ = val_samples()
+    status, reply = call(f"{server['url']}/v1/models/digits/predict?version=int8", {"inputs": x.tolist()})
+    assert status == 200 and reply["version"] == "int8"
+    model, info = load_trained_model(server["int8"])
+    assert info["compression"]["method"] == "quantize"
+    with torch.no_grad():
+        expected = torch.softmax(model(torch.as_tensor(x)), -1).numpy()
+    np.testing.assert_allclose([p["probabilities"] for p in reply["predictions"]], expected, atol=2e-6)
+    v1 = call(f"{server['url']}/v1/models/digits/predict?version=v1", {"inputs": x.tolist()})[1]
+    agree = np.mean([a["label"] == b["label"] for a, b in zip(reply["predictions"], v1["predictions"])])
+    assert agree >= 0.9
 
 
 def test_versions_default_query_and_header(server):

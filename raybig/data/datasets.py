@@ -83,10 +83,16 @@ def describe(spec, model=None) -> DataMeta:
     """The data's task, shape and classes (raises SpecError for missing files, columns, bad rows). The
     built-in sources know theirs; the others are read (once per process: load() then reuses them)."""
     if isinstance(spec, DigitsData):
-        return DataMeta("classification", [8, 8], 10)
+        return _digits_meta(spec)
     if isinstance(spec, SyntheticData):
         return DataMeta("classification", [spec.features], spec.classes)
     return load(spec, model).meta
+
+
+def _digits_meta(spec: DigitsData) -> DataMeta:
+    if spec.classes is None:
+        return DataMeta("classification", [8, 8], 10)
+    return DataMeta("classification", [8, 8], len(spec.classes), labels=[str(d) for d in spec.classes])
 
 
 def _stdlib_file(module: str) -> Path:
@@ -111,10 +117,15 @@ def load(spec, model=None) -> DataBundle:
     """The whole data set in memory. `model` (the spec's model section) lends a pretrained model's tokenizer."""
     if isinstance(spec, DigitsData):
         x, y = _digits()
-        return _bundle(DataMeta("classification", [8, 8], 10), x, y, spec.val_fraction)
+        if spec.classes is not None:  # the digits kept, renumbered in the order the spec lists them
+            kept = np.isin(y, spec.classes)
+            renumber = np.full(10, -1, dtype=y.dtype)
+            renumber[spec.classes] = np.arange(len(spec.classes))
+            x, y = x[kept], renumber[y[kept]]
+        return _bundle(_digits_meta(spec), x, y, spec.val_fraction, spec.train_fraction)
     if isinstance(spec, SyntheticData):
         x, y = _synthetic(spec)
-        return _bundle(describe(spec), x, y, spec.val_fraction)
+        return _bundle(describe(spec), x, y, spec.val_fraction, spec.train_fraction)
     from raybig.data.remote import local_paths
 
     spec = local_paths(spec)  # s3:// and gs:// paths: read from their local mirror
@@ -213,18 +224,21 @@ def _synthetic(spec: SyntheticData) -> tuple[np.ndarray, np.ndarray]:
     return x.astype(np.float32), y.astype(np.int64)
 
 
-def _bundle(meta: DataMeta, x: np.ndarray, y: np.ndarray, val_fraction: float) -> DataBundle:
-    """A split with a fixed seed, stratified by class: every run and every layout validates on the same rows."""
+def _bundle(meta: DataMeta, x: np.ndarray, y: np.ndarray, val_fraction: float,
+            train_fraction: float = 1.0) -> DataBundle:
+    """A split with a fixed seed, stratified by class: every run and every layout validates on the same rows.
+    `train_fraction` keeps that share of each class's training rows (the first of a seeded shuffle)."""
     rng = np.random.default_rng(SPLIT_SEED)
     if meta.task == "regression":  # numbers, not classes: a plain random split
         val = np.sort(rng.permutation(len(y))[: max(1, round(len(y) * val_fraction))])
         train = np.setdiff1d(np.arange(len(y)), val)
         return DataBundle(meta, Split(x[train], y[train]), Split(x[val], y[val]))
-    val_idx = []
+    val_idx, train_idx = [], []
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         rng.shuffle(idx)
-        val_idx.append(idx[: max(1, round(len(idx) * val_fraction))])
-    val = np.sort(np.concatenate(val_idx))
-    train = np.setdiff1d(np.arange(len(y)), val)
+        n_val = max(1, round(len(idx) * val_fraction))
+        val_idx.append(idx[:n_val])
+        train_idx.append(idx[n_val:][: max(1, round((len(idx) - n_val) * train_fraction))])
+    val, train = np.sort(np.concatenate(val_idx)), np.sort(np.concatenate(train_idx))
     return DataBundle(meta, Split(x[train], y[train]), Split(x[val], y[val]))

@@ -101,7 +101,10 @@ def build_hf_model(model_spec, meta) -> "HFModel":
 
         heads = HFSequenceClassifier.HEADS if model_spec.task == "sequence_classification" else ()
         apply_lora(model, model_spec.lora, train_also=heads)
-    return WRAPPERS[model_spec.task](model)
+    wrapped = WRAPPERS[model_spec.task](model)
+    # under LoRA, checkpoints leave the frozen base out: this builder makes it again (raybig.train.parallel)
+    wrapped.raybig_rebuilds_frozen = model_spec.lora is not None
+    return wrapped
 
 
 def model_from_config(config: dict, task: str = "causal_lm") -> "HFModel":

@@ -267,5 +267,11 @@ def load_trained_model(run_dir: str | Path, trust_code: bool = False):
         model = model_from_config(info["hf_config"], model_spec.task)
     else:
         model = build_model(model_spec, DataMeta(**info["data"]))
+    compression = info.get("compression")
+    if compression:  # a compressed run (raybig compress): shaped, loaded and finished as it was made
+        from raybig.lifecycle.compress import decoded, finish, prepare
+
+        prepare(model, compression).load_state_dict(decoded(store.load_model_state(), compression))
+        return finish(model, compression).eval(), info
     model.load_state_dict(store.load_model_state())
     return model.eval(), info

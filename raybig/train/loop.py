@@ -19,6 +19,8 @@ from raybig.data.chat import DEFAULT_CHAT_TEMPLATE
 from raybig.data.documents import IGNORE
 from raybig.models import build_model
 from raybig.train.checkpoint import RunStore
+from raybig.train.distill import Teacher, distilling
+from raybig.train.finetune import keep_zeros, parameter_groups, start_from, zero_masks
 from raybig.train.metrics import confusion, from_confusion
 from raybig.train.optim import (add_penalty_gradients, apply_spec_hyperparameters, build_optimizer, build_scheduler,
                                 penalized_weights)
@@ -177,15 +179,21 @@ def fit(spec, meta, env: WorkerEnv, store: RunStore) -> list[dict]:
     # Every rank builds the whole model from the same seed and keeps its part: identical initial
     # weights in every layout, which is what lets a pipeline run reproduce a single-process one.
     model = build_model(spec.model, meta, dropout=reg.dropout, seed=t.seed).to(env.device)
+    latest = store.latest()
+    # fine-tuning: the source's weights (a fresh start only), frozen parts; before the model is split or wrapped
+    pretrained = start_from(model, spec, resuming=latest is not None) if spec.init_from else set()
     criterion = getattr(model, "loss", None) or (lambda out, y: loss_fn(spec, out, y))  # the model's own, if any
-    layout = parallelize(model, spec, env, criterion, lambda: _autocast(spec, env.device))
+    d = spec.distill
+    training_loss = distilling(criterion, d.temperature, d.alpha) if d else criterion
+    layout = parallelize(model, spec, env, training_loss, lambda: _autocast(spec, env.device))
+    teacher = Teacher(spec, env.device) if d and layout.holds_output else None  # where the loss is computed
     params = parameters(layout)
-    optimizer = build_optimizer(params, t.optimizer)
+    optimizer = build_optimizer(parameter_groups(layout.local, pretrained, spec.init_from.pretrained_lr_scale)
+                                if spec.init_from else params, t.optimizer)
     plan = StepPlan.of(spec, env.train.steps_per_epoch)
     scheduler = build_scheduler(optimizer, t.lr_schedule, plan.steps_per_epoch, plan.total)
     history: list[dict] = []
     epochs_done, batches_done, step, carried = 0, 0, 0, []
-    latest = store.latest()
     if latest is not None:
         model_state, trainer_state, ckpt_meta = RunStore.load_checkpoint(latest, part=layout.mesh.pp_index)
         load_state(layout, model_state)
@@ -199,6 +207,7 @@ def fit(spec, meta, env: WorkerEnv, store: RunStore) -> list[dict]:
         epochs_done, step, history = ckpt_meta["epoch"], ckpt_meta["step"], ckpt_meta["history"]
         batches_done, carried = ckpt_meta.get("batch", 0), ckpt_meta.get("unrecorded_losses", [])
     weights = [w for module in layout.local for w in penalized_weights(module)]
+    masks = zero_masks(layout.local, pretrained) if spec.init_from and spec.init_from.keep_zeros else []
     attempt = env.attempt or time.strftime("%Y-%m-%dT%H:%M:%S")
     if env.progress:  # set-up is done: where a run's fixed cost ends (raybig.phases)
         env.progress({"type": "ready", "at": time.time(), "pid": os.getpid()})
@@ -218,12 +227,15 @@ def fit(spec, meta, env: WorkerEnv, store: RunStore) -> list[dict]:
             if env.device.type == "cuda":  # a copy from pinned memory overlaps the step before it
                 x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+            if teacher is not None:
+                y = teacher.targets(x, y)
             optimizer.zero_grad(set_to_none=True)
             loss = layout.train_step(x, y)
             add_penalty_gradients(weights, reg.l1, reg.l2)
             if t.grad_clip:
                 clip_grad_norm(layout, t.grad_clip)
             optimizer.step()
+            keep_zeros(masks)
             scheduler.step()
             step += 1
             losses.new.append(loss.detach().double() if loss is not None else zero)

@@ -13,7 +13,10 @@ def build_optimizer(params, opt) -> torch.optim.Optimizer:
     takes its foreach form (one call per step for all parameters, not a Python loop over them), which torch
     picks by itself only on a GPU."""
     params = list(params)
-    on_gpu = bool(params) and all(p.is_cuda for p in params)
+    if params and isinstance(params[0], dict):  # parameter groups, each at its "lr_scale" of the rate
+        params = [{**group, "lr": opt.lr * group.get("lr_scale", 1.0)} for group in params]
+    flat = [p for group in params for p in group["params"]] if params and isinstance(params[0], dict) else params
+    on_gpu = bool(flat) and all(p.is_cuda for p in flat)
     fused = {"fused": True} if on_gpu else {"foreach": True}
     each = {"foreach": True}
     if opt.name == "sgd":
@@ -85,9 +88,9 @@ def apply_spec_hyperparameters(optimizer: torch.optim.Optimizer, scheduler, opt)
     values win, so a resumed run whose lr was edited, or a PBT trial that perturbed its donor's lr and
     weight decay, trains with what its spec says. The scheduler's position is kept."""
     spec_values = build_optimizer([torch.zeros(1, requires_grad=True)], opt).defaults
-    scheduler.base_lrs = [opt.lr] * len(optimizer.param_groups)
-    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+    scheduler.base_lrs = [opt.lr * group.get("lr_scale", 1.0) for group in optimizer.param_groups]
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         # how the step runs (fused, foreach) is this optimizer's, not the CPU probe's above
-        group.update({k: v for k, v in spec_values.items() if k in group and k not in ("fused", "foreach")})
-        group["initial_lr"] = opt.lr
-        group["lr"] = opt.lr * factor(scheduler.last_epoch)
+        group.update({k: v for k, v in spec_values.items() if k in group and k not in ("fused", "foreach", "lr")})
+        group["initial_lr"] = base
+        group["lr"] = base * factor(scheduler.last_epoch)

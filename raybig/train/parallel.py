@@ -304,8 +304,8 @@ def compile_blocks(parts: list[Part]) -> None:
 
 
 def state_dict(layout) -> dict[str, torch.Tensor]:
-    """This rank's checkpointed tensors under the full model's names: everything but frozen weights (the
-    base model under LoRA adapters), which the model's builder makes again from its seed or directory.
+    """This rank's checkpointed tensors under the full model's names: everything but the frozen base model
+    under LoRA adapters, which the model's builder makes again from its seed or directory.
     Sharded parameters are gathered whole onto the first rank (a collective: every rank calls this)."""
     out = {}
     for module in layout.local:
@@ -321,6 +321,10 @@ def _full_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def checkpointed_keys(module: nn.Module) -> list[str]:
+    """A LoRA model's frozen base is made again by its builder and stays out; weights frozen by fine-tuning
+    (init_from) came from elsewhere and go in."""
+    if not any(getattr(m, "raybig_rebuilds_frozen", False) for m in module.modules()):
+        return list(module.state_dict())
     frozen = {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
     return [k for k in module.state_dict() if k not in frozen]
 

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 import yaml
+from rich.markup import escape
 
 from raybig.data.datasets import DataMeta, describe, load
 from raybig.data.loader import choose_loader
@@ -51,9 +52,10 @@ class RunOutcome:
         return self.history[-1] if self.history else {}
 
 
-def check_plan(spec: JobSpec, meta: DataMeta, cpus: float | None) -> None:
-    """Cross-checks that need the data or the cluster's CPUs (where known), made before any worker starts."""
-    problems = []
+def check_plan(spec: JobSpec, meta: DataMeta, cpus: float | None) -> list[str]:
+    """Cross-checks that need the data or the cluster's CPUs (where known), made before any worker starts.
+    Returns notes for the user: what fine-tuning loads, which teacher distils."""
+    problems, notes = [], []
     wanted = getattr(spec.model, "num_classes", None)
     if wanted is not None and wanted != meta.num_classes:
         problems.append(("model.num_classes", f"{wanted}, but the data has {meta.num_classes} classes"))
@@ -66,6 +68,14 @@ def check_plan(spec: JobSpec, meta: DataMeta, cpus: float | None) -> None:
             check_output(model, spec.model, meta)
         if pipe.stages > 1:
             problems += _stage_problems(spec, model, meta)
+        if spec.init_from is not None:
+            from raybig.train.finetune import check_init
+
+            notes.append(f"init_from: {check_init(model, spec)}")
+        if spec.distill is not None:
+            from raybig.train.distill import check_teacher
+
+            notes.append(f"distill: {check_teacher(spec, meta)}")
     except SpecError as err:
         problems += err.problems
     except ValueError as err:
@@ -77,6 +87,7 @@ def check_plan(spec: JobSpec, meta: DataMeta, cpus: float | None) -> None:
         problems += resource_shortfalls(spec, {"CPU": cpus})
     if problems:
         raise SpecError(problems)
+    return notes
 
 
 def _stage_problems(spec: JobSpec, model, meta: DataMeta) -> list[tuple[str, str]]:
@@ -205,7 +216,10 @@ def run(spec: JobSpec, *, address: str | None = None, num_cpus: float | None = N
                        on_item=on_item, prune_checkpoints=prune_checkpoints, fit_with=fit_with, phases=phases)
     phases = phases or Phases()
     meta = describe(spec.data, spec.model)
-    check_plan(spec, meta, None if address else embedded_cpus(num_cpus))
+    notes = check_plan(spec, meta, None if address else embedded_cpus(num_cpus))
+    if console is not None:
+        for note in notes:
+            console.print(f"  {escape(note)}", highlight=False)
     store, (done, done_steps) = prepare_store(spec, fresh)
     if finished(spec, done, done_steps):
         return RunOutcome(store, store.history(), resumed_from=done, already_complete=True)
