@@ -17,6 +17,8 @@ out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 120)
 
 SetOption = typer.Option(None, "--set", metavar="PATH=VALUE", help="Override a spec field, e.g. --set train.epochs=3.")
+TrackingUriOption = typer.Option(None, "--tracking-uri", help="The MLflow tracking server or store; default "
+                                  "$MLFLOW_TRACKING_URI, else the run's own, else sqlite:///runs/mlflow.db.")
 
 
 def _fail(error: SpecError) -> None:
@@ -237,16 +239,21 @@ def serve_runs(
     store_claim: Optional[str] = typer.Option(None, help="With --export: a PersistentVolumeClaim mounted at /models."),
     trust_code: bool = typer.Option(False, "--trust-code", help="Serve runs whose model is your own code (model "
                                     "kind python): their factory is imported and run in every replica."),
+    tracking_uri: Optional[str] = TrackingUriOption,
 ):
-    """Serve trained runs over HTTP until Ctrl-C: POST /v1/models/NAME/predict, GET /v1/models, /docs."""
+    """Serve trained runs over HTTP until Ctrl-C: POST /v1/models/NAME/predict, GET /v1/models, /docs. A
+    registered version serves by models:/NAME@ALIAS or models:/NAME/VERSION (as NAME, version vN)."""
     import signal
     import time
 
     from raybig.cluster import ray_session
     from raybig.serve.app import ServeStartFailed, direct_urls, entry_from_arg, start, stop
 
+    from raybig.lifecycle.registry import served_arg
+
     try:
-        entries = [entry_from_arg(arg, trust_code) for arg in runs]
+        entries = [entry_from_arg(_registry_call(served_arg, arg, _registry_uri(tracking_uri)), trust_code)
+                   for arg in runs]
     except SpecError as error:
         _fail(error)
     first = entries[0].serve
@@ -387,6 +394,93 @@ def compress(
     out.print(c.table(rows), highlight=False)
     out.print(f"model: {target}/model.safetensors (raybig serve {target})\n"
               f"compared: {target}/compression.json, compression.png", highlight=False)
+
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+def _registry_uri(uri: Optional[str]) -> str:
+    import os
+
+    from raybig.lifecycle.registry import local_uri
+
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or local_uri("runs")
+
+
+def _registry_call(fn, *args):
+    """A registry call whose MLflow error is the user's to fix (exit 2, no traceback)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return fn(*args)
+    except SpecError as error:
+        _fail(error)
+    except MlflowException as error:
+        _fail(SpecError(str(error.message).splitlines()[0], "registry"))
+
+
+@app.command("register")
+def register_run(
+    run_dir: str = typer.Argument(..., metavar="RUN", help="A trained run's directory."),
+    name: str = typer.Argument(..., metavar="NAME", help="The registered model it becomes a version of."),
+    alias: Optional[str] = typer.Option(None, help="Point this alias (e.g. champion) at the new version too."),
+    tracking_uri: Optional[str] = TrackingUriOption,
+):
+    """Make a run's model a new version of NAME in the MLflow model registry (tracking the run if it is not)."""
+    import re
+    from pathlib import Path
+
+    from raybig.lifecycle.registry import register, run_uri
+
+    if not re.match(NAME_PATTERN, name):
+        _fail(SpecError(f"{name!r}: letters, digits, '_', '.' and '-', starting with a letter or digit", "NAME"))
+    uri = run_uri(Path(run_dir), tracking_uri)
+    version = _registry_call(register, Path(run_dir), name, uri, alias)
+    out.print(f"registered: models:/{name}/{version}" + (f" (models:/{name}@{alias})" if alias else "") +
+              f" in {uri}", highlight=False)
+
+
+@app.command()
+def promote(
+    name: str = typer.Argument(..., metavar="NAME"),
+    version: int = typer.Argument(..., metavar="VERSION"),
+    alias: str = typer.Option("champion", help="The alias that moves to VERSION."),
+    tracking_uri: Optional[str] = TrackingUriOption,
+):
+    """Point an alias of a registered model (champion by default) at one of its versions."""
+    from raybig.lifecycle.registry import promote as move
+
+    uri = _registry_uri(tracking_uri)
+    _registry_call(move, name, version, alias, uri)
+    out.print(f"models:/{name}@{alias} -> version {version} ({uri})", highlight=False)
+
+
+@app.command()
+def lineage(
+    ref: str = typer.Argument(..., metavar="RUN|models:/NAME@ALIAS|models:/NAME/VERSION"),
+    tracking_uri: Optional[str] = TrackingUriOption,
+):
+    """Print where a model came from: the registered version, its run and spec, and the runs before it."""
+    from pathlib import Path
+
+    from raybig.lifecycle import registry
+
+    if ref.startswith("models:/"):
+        uri = _registry_uri(tracking_uri)
+        version = _registry_call(registry.model_version, ref, uri)
+        aliases = f" (aliases: {', '.join(version.aliases)})" if version.aliases else ""
+        out.print(f"{ref} = {version.name} version {version.version}{aliases}, from MLflow run {version.run_id}",
+                  highlight=False)
+        run_dir = Path(version.tags.get("raybig.run_dir", ""))
+        if not (run_dir / "model.json").is_file():  # registered elsewhere: its own files tell the rest
+            run_dir, _, _ = _registry_call(registry.fetch, ref, uri)
+        lines = registry.lineage(run_dir, depth=1)
+    else:
+        if not (Path(ref) / "model.json").is_file():
+            _fail(SpecError(f"{ref} holds no trained model (no model.json)", "RUN"))
+        lines = registry.lineage(Path(ref))
+    for line in lines:
+        out.print(escape(line), highlight=False)
 
 
 @app.command()

@@ -589,6 +589,16 @@ class DistillSpec(Strict):
                              "only with this set.")
 
 
+class TrackingSpec(Strict):
+    """MLflow tracking of the run (docs/lifecycle.md)."""
+    enabled: bool = Field(default=True, description="Record the run in MLflow when it ends: the resolved spec as "
+                          "parameters, every record's metrics, the model, spec and curves as artifacts. "
+                          "RAYBIG_TRACKING=off turns it off everywhere.")
+    uri: str | None = Field(default=None, description="A tracking server (http://host:5000) or store URI; default "
+                            "$MLFLOW_TRACKING_URI, else sqlite:///<output.dir>/mlflow.db beside the runs.")
+    experiment: str = Field(default="raybig", min_length=1, description="The MLflow experiment the runs go to.")
+
+
 def run_reference(ref: str, output_dir: str) -> str:
     """A run name (no slash) lives in output.dir; anything else is a path. Absolute, so every process, in any
     directory, reads the same files."""
@@ -615,6 +625,7 @@ class JobSpec(Strict):
                                            "(docs/lifecycle.md).")
     distill: DistillSpec | None = Field(default=None, description="Train the model as a student of a trained "
                                         "teacher (docs/lifecycle.md).")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
     @model_validator(mode="after")
     def _cross_field(self):

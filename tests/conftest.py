@@ -4,6 +4,8 @@ import pytest
 
 # A `raybig up` on this machine must not take the tests' commands (the test of `raybig up` asks for it)
 os.environ.setdefault("RAYBIG_NO_WARM_RAY", "1")
+# Runs are not tracked in MLflow unless a test asks (tests/test_registry.py): each would set up a store
+os.environ.setdefault("RAYBIG_TRACKING", "off")
 
 import raybig.cluster  # noqa: E402,F401  (sets raybig's Serve settings before the session's Ray starts)
 

@@ -235,7 +235,8 @@ def finetune_spec(target: Path, epochs: int):
     raw = load_spec(target / "spec.yaml").model_dump(mode="json", exclude={"sweep", "distill", "init_from"})
     for path, value in (("name", target.name), ("output.dir", str(target.parent)), ("train.epochs", epochs),
                         ("train.max_steps", None), ("eval.every_steps", None), ("checkpoint.every_steps", None),
-                        ("init_from", {"source": str(target / PRUNED), "keep_zeros": True})):
+                        ("init_from", {"source": str(target / PRUNED), "keep_zeros": True}),
+                        ("tracking.enabled", False)):  # the compressed run is tracked whole, at the end
         raw = set_path(raw, path, value)
     return parse_spec(raw)
 
@@ -262,7 +263,21 @@ def compress(parent: Path, target: Path, method: str, *, finetune_epochs: int = 
     rows = comparison({parent.name: parent, target.name: target}, trust_code=trust_code)
     (target / "compression.json").write_text(json.dumps({**record, "comparison": rows}, indent=1))
     plot(rows, target / "compression.png")
+    _track(parent, target, console)
     return record, rows
+
+
+def _track(parent: Path, target: Path, console) -> None:
+    """Into MLflow as the parent's spec says its runs go (a failing store only warns)."""
+    from raybig.lifecycle.registry import Tracker, tracking_uri
+    from raybig.spec import load_spec
+
+    if not (parent / "spec.yaml").is_file():
+        return
+    spec = load_spec(parent / "spec.yaml")
+    uri = tracking_uri(spec)
+    if uri is not None:
+        Tracker(uri, spec.tracking.experiment).finish(target, console)
 
 
 # ----------------------------------------------------------------------------- the comparison

@@ -57,6 +57,8 @@ def _config_from_spec(model_spec, meta):
     settings = dict(model_spec.config)
     model_type = settings.pop("model_type")
     try:
+        if not isinstance(model_type, str):
+            raise ValueError(model_type)
         config_class = tf.AutoConfig.for_model(model_type).__class__
     except ValueError:
         known = ", ".join(sorted(tf.CONFIG_MAPPING.keys())[:12])

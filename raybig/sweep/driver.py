@@ -162,6 +162,23 @@ def _absolute_paths(base: dict) -> dict:
     return {**base, "data": data}
 
 
+def _track(spec, sweep_dir: Path, rows: list[dict], best_run: Path | None, console) -> None:
+    """The sweep, its trials and its best run into MLflow (spec `tracking`); a failing store only warns."""
+    from raybig.lifecycle.registry import track_sweep, tracking_uri
+
+    uri = tracking_uri(spec)
+    if uri is None:
+        return
+    try:
+        rid = track_sweep(sweep_dir, rows, spec, uri, best_run)
+    except Exception as err:
+        from rich.markup import escape
+
+        console.print(f"[yellow]tracking failed[/] ({escape(uri)}): {escape(str(err).splitlines()[0])}", highlight=False)
+        return
+    console.print(f"tracked: MLflow run {rid} and {len(rows)} trial runs ({uri})", highlight=False)
+
+
 def run_sweep(spec, *, resume: bool = False, fresh: bool = False, address: str | None = None,
               num_cpus: float | None = None, verbose: bool = False, console=None) -> SweepOutcome:
     import ray
@@ -240,4 +257,5 @@ def run_sweep(spec, *, resume: bool = False, fresh: bool = False, address: str |
     best = None if interrupted else best_row(rows, spec)
     if best is not None:
         register_best(best, spec, sweep_dir, root)
+    _track(spec, sweep_dir, rows, root if best is not None else None, live.console)
     return SweepOutcome(root, sweep_dir, rows, best, interrupted, time.perf_counter() - started)

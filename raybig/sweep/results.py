@@ -196,6 +196,9 @@ def register_best(row: dict, spec, sweep_dir: Path, run_root: Path) -> Path:
     for name in ("checkpoints", "tensorboard"):  # a previous best's, when a resumed sweep registers again
         shutil.rmtree(run_root / name, ignore_errors=True)
     meta = store.adopt(checkpoint, spec.name)
+    info = store.model_info()  # what `raybig lineage` follows back: the sweep this run won
+    info["lineage"] = {**info.get("lineage", {}), "sweep": str(sweep_dir.resolve())}
+    (run_root / "model.json").write_text(json.dumps(info, indent=1))
     store.write_spec(resolved.to_yaml())
     write_curves(run_root, meta["history"])
     (sweep_dir / "best.json").write_text(json.dumps(

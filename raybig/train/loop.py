@@ -387,6 +387,10 @@ def _checkpoint(spec, meta, store: RunStore, layout, optimizer, scheduler, posit
     info = {"name": spec.name, "kind": spec.model.kind, "epoch": epochs, "step": step, "data": meta.to_dict(),
             "model": spec.model.model_dump(mode="json"),
             "metrics": {k: v for k, v in (record or {}).items() if k != "step_losses"}}
+    parents = {"init_from": spec.init_from.source if spec.init_from else None,
+               "teacher": spec.distill.teacher if spec.distill else None}
+    if any(parents.values()):  # what `raybig lineage` follows
+        info["lineage"] = {k: v for k, v in parents.items() if v}
     if meta.task == "lm":
         info["chat_template"] = meta.chat_template or DEFAULT_CHAT_TEMPLATE
     if spec.model.kind == "hf":

@@ -224,6 +224,9 @@ def run(spec: JobSpec, *, address: str | None = None, num_cpus: float | None = N
     if finished(spec, done, done_steps):
         return RunOutcome(store, store.history(), resumed_from=done, already_complete=True)
     store.write_spec(spec.to_yaml())
+    from raybig.lifecycle.registry import start_tracking
+
+    tracker = start_tracking(spec) if on_item is None else None  # a sweep's trials are tracked by the sweep
     bundle = load(spec.data, spec.model)
     keep_tokenizer(store, bundle.meta)
     loader, bundle = pick_loader(spec, bundle)
@@ -251,6 +254,9 @@ def run(spec: JobSpec, *, address: str | None = None, num_cpus: float | None = N
         raise failed[0]
     store.saved("curves.png", "tensorboard")
     phases.mark("curves and TensorBoard (after Ray's stop)")
+    if tracker is not None:
+        tracker.finish(store.root, console)
+        phases.mark("tracking (MLflow)")
     return RunOutcome(store, history, resumed_from=done, seconds=time.perf_counter() - started)
 
 
