@@ -457,14 +457,21 @@ def promote(
 
 @app.command()
 def lineage(
-    ref: str = typer.Argument(..., metavar="RUN|models:/NAME@ALIAS|models:/NAME/VERSION"),
+    ref: str = typer.Argument(..., metavar="RUN|NAME|models:/NAME@ALIAS|models:/NAME/VERSION"),
     tracking_uri: Optional[str] = TrackingUriOption,
 ):
-    """Print where a model came from: the registered version, its run and spec, and the runs before it."""
+    """Print where a model came from: the registered version, its run and spec, and the runs before it. A
+    registered NAME alone: each of its versions, newest first."""
+    import re
     from pathlib import Path
 
     from raybig.lifecycle import registry
 
+    if not Path(ref).exists() and re.match(NAME_PATTERN, ref):  # a registered model: all its versions
+        versions = _registry_call(registry.versions_of, ref, _registry_uri(tracking_uri))
+        for number in versions:
+            lineage(f"models:/{ref}/{number}", tracking_uri)
+        return
     if ref.startswith("models:/"):
         uri = _registry_uri(tracking_uri)
         version = _registry_call(registry.model_version, ref, uri)

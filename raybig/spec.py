@@ -566,7 +566,8 @@ class SweepSpec(Strict):
 class InitFromSpec(Strict):
     """Fine-tuning: a fresh run that starts from trained weights instead of random ones."""
     source: str = Field(min_length=1, description="The weights to start from: a run's name in output.dir, a run "
-                        "directory (its model.safetensors), or a .safetensors file.")
+                        "directory (its model.safetensors), a .safetensors file, or a registered version "
+                        "(models:/NAME@ALIAS, models:/NAME/VERSION).")
     freeze: list[str] = Field(default_factory=list, description="Parameter names, or prefixes of them (blocks.0), "
                               "that keep their loaded values.")
     train_last: int | None = Field(default=None, ge=1, description="Freeze every part of the model but the last "
@@ -580,7 +581,8 @@ class InitFromSpec(Strict):
 
 class DistillSpec(Strict):
     """Knowledge distillation: the student (this spec's model) learns from a trained teacher's outputs."""
-    teacher: str = Field(min_length=1, description="A trained run: its name in output.dir or its directory.")
+    teacher: str = Field(min_length=1, description="A trained run: its name in output.dir or its directory, or a "
+                         "registered version (models:/NAME@ALIAS, models:/NAME/VERSION).")
     temperature: float = Field(default=2.0, gt=0, description="Softens both models' outputs before they are "
                                "compared; the soft loss is scaled by its square.")
     alpha: float = Field(default=0.5, ge=0, le=1, description="Weight of the soft loss (the student's KL "
@@ -602,7 +604,7 @@ class TrackingSpec(Strict):
 def run_reference(ref: str, output_dir: str) -> str:
     """A run name (no slash) lives in output.dir; anything else is a path. Absolute, so every process, in any
     directory, reads the same files."""
-    if "://" in ref:
+    if "://" in ref or ref.startswith("models:/"):  # a registered version: fetched on the driver (check_plan)
         return ref
     path = Path(ref).expanduser() if ("/" in ref or ref.endswith(".safetensors")) else Path(output_dir) / ref
     return str(path.resolve())

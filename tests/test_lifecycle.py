@@ -176,3 +176,32 @@ def test_compress_refuses_bad_options_naming_them(runs):
         assert result.exit_code == 2 and words in result.output and "Traceback" not in result.output, result.output
     result = cli.invoke(app, ["compress", str(runs / "nothing-here"), "--method", "quantize"])
     assert result.exit_code == 2 and "holds no trained model" in result.output
+
+
+def test_pruning_per_layer_low_rank_by_energy_and_an_lstm_quantized_do_what_they_say():
+    from raybig.data.datasets import DataMeta
+    from raybig.lifecycle.compress import chosen_ranks, decoded, finish, prepare, prunable, prune_state, quantize_state
+    from raybig.models import build_model
+
+    meta = DataMeta("classification", [8, 8], 10)
+    mlp = build_model(parse_spec(job("/tmp", "x", {"kind": "mlp", "hidden": [128, 32]})).model, meta, seed=0)
+    state, record = prune_state(mlp, 0.6, "layer")
+    for name in prunable(mlp):  # each layer at the sparsity on its own, not one threshold for all
+        assert float((state[name] == 0).float().mean()) == pytest.approx(0.6, abs=0.01)
+    ranks = chosen_ranks(mlp, None, 0.9)
+    for path, r in ranks.items():  # the smallest rank keeping 90% of the squared singular values
+        s = torch.linalg.svdvals(mlp.get_submodule(path).weight.detach()) ** 2
+        assert s[:r].sum() / s.sum() >= 0.9 > s[:r - 1].sum() / s.sum()
+
+    lstm_spec = parse_spec(job("/tmp", "x", {"kind": "lstm", "hidden": 32})).model
+    lstm = build_model(lstm_spec, meta, seed=0).eval()
+    state, record = quantize_state(lstm)
+    assert state["blocks.0.lstm.weight_ih_l0"].dtype == torch.int8 and record["weights"] == 3  # ih, hh, head
+    rebuilt = prepare(build_model(lstm_spec, meta), record)  # as load_trained_model rebuilds a quantized run
+    rebuilt.load_state_dict(decoded(state, record))
+    quantized = finish(rebuilt.eval(), record)
+    assert any(type(m).__module__.startswith("torch.ao.nn.quantized") and "LSTM" in type(m).__name__
+               for m in quantized.modules())
+    x = torch.rand(16, 8, 8)
+    with torch.no_grad():
+        assert (quantized(x).argmax(-1) == lstm(x).argmax(-1)).float().mean() >= 0.9

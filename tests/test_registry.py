@@ -45,6 +45,14 @@ def tracking_server(tmp_path_factory):
         end_group(state)
 
 
+def _written(tmp_path, raw: dict):
+    import yaml
+
+    path = tmp_path / f"{raw['name']}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
 @pytest.fixture
 def tracked(monkeypatch):
     monkeypatch.delenv("RAYBIG_TRACKING", raising=False)
@@ -105,12 +113,29 @@ def test_a_run_is_tracked_registered_promoted_and_served_from_the_registry(ray_l
         expected = torch.softmax(model(torch.as_tensor(x)), -1).numpy()
     np.testing.assert_allclose([p["probabilities"] for p in answer["predictions"]], expected, atol=2e-6)
 
+    # a registered version to fine-tune from, and another to distil from: fetched before anything starts
+    student = spec_dict(tmp_path, name="student", model={"kind": "mlp", "hidden": [64]},
+                        init_from={"source": "models:/digits/1"}, distill={"teacher": "models:/digits@champion"},
+                        train={"max_steps": 5, "batch_size": 64, "seed": 0}, eval={"every_steps": 5},
+                        checkpoint={"every_steps": 5}, tracking={"uri": tracking_server})
+    tuned = run(parse_spec(student), num_cpus=RAY_CPUS)
+    cache = tmp_path / "cache" / "registry"
+    assert tuned.final["step"] == 5
+    lineage_of = json.loads((tuned.store.root / "model.json").read_text())["lineage"]
+    assert lineage_of["init_from"].startswith(str(cache)) and lineage_of["init_from"].endswith("digits/1")
+    assert lineage_of["teacher"].startswith(str(cache)) and lineage_of["teacher"].endswith("digits/2")
+    missing = cli.invoke(app, ["validate", str(_written(tmp_path, {**student, "init_from": {"source": "models:/nope/1"}}))])
+    assert missing.exit_code == 2 and "init_from.source" in missing.output and "not in the registry" in missing.output
+
     shown = cli.invoke(app, ["lineage", "models:/digits@champion", *uri])
     assert shown.exit_code == 0, shown.output
     lines = shown.output.splitlines()
     assert "digits version 2 (aliases: champion)" in lines[0]
     assert any("compressed from" in line for line in lines)
     assert any(str(outcome.store.root.resolve()) in line and "mlp" in line for line in lines)
+    every = cli.invoke(app, ["lineage", "digits", *uri])  # the name alone: each version, newest first
+    headers = [line for line in every.output.splitlines() if line.startswith("models:/")]
+    assert every.exit_code == 0 and [h.split(" = ")[0] for h in headers] == ["models:/digits/2", "models:/digits/1"]
 
 
 def test_runs_sweeps_and_fine_tunes_are_tracked_in_the_local_store_with_their_parents(ray_local, tracked, tmp_path):

@@ -11,7 +11,8 @@ import pytest
 import schemathesis
 import torch
 import yaml
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
                                                status_code_conformance)
@@ -319,6 +320,56 @@ def test_any_request_gets_a_status_and_body_the_openapi_document_states(server, 
 
     answers_as_documented()
     assert call(f"{server['url']}/healthz", token=None)[0] == 200
+
+
+# what the OpenAPI document does not describe: any path, method, query, header and body
+SAFE = st.characters(min_codepoint=0x20, max_codepoint=0x7e)  # what HTTP/1.1 carries in a request line and headers
+KNOWN = ["v1/models/digits/predict", "v1/models/tiny-lm/generate", "v1/completions", "v1/chat/completions",
+         "v1/models", "healthz", "docs", "openapi.json", "v1/models/digits", "v1/models/tiny-lm/predict"]
+paths = st.one_of(st.sampled_from(KNOWN), st.text(SAFE, max_size=60),
+                  st.builds(lambda known, tail: f"{known}/{tail}", st.sampled_from(KNOWN), st.text(SAFE, max_size=20)))
+header_names = st.one_of(st.sampled_from(["content-type", "authorization", "x-model-version", "accept",
+                                          "content-encoding", "transfer-encoding", "x-request-id", "cookie"]),
+                         st.text(st.sampled_from("abcdefghijklmnopqrstuvwxyz-"), min_size=1, max_size=20))
+header_values = st.one_of(st.sampled_from(["application/json", "text/plain", f"Bearer {TOKEN}", "Bearer", "gzip",
+                                           "v1", "v2", "v9", "../v1", "%00", "a" * 2000]),
+                          st.text(SAFE, max_size=80).map(str.strip))
+bodies = st.one_of(st.none(), st.binary(max_size=300),
+                   st.sampled_from([b'{"inputs": [[0.0]]}', b'{"prompt": "def ", "max_new_tokens": 2}', b"[]", b"{}"]))
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]), path=paths,
+       query=st.text(SAFE, max_size=40), headers=st.dictionaries(header_names, header_values, max_size=5),
+       body=bodies)
+def test_any_path_method_query_header_or_body_gets_an_answer_below_500(server, method, path, query, headers, body):
+    import http.client
+    from urllib.parse import quote, urlsplit
+
+    where = urlsplit(server["url"])
+    target = "/" + quote(path, safe="/") + ("?" + quote(query, safe="=&") if query else "")
+    if not any(k.lower() == "authorization" for k in headers) and len(headers) % 2 == 0:
+        headers = {**headers, "authorization": f"Bearer {TOKEN}"}  # half the requests get past auth
+    connection = http.client.HTTPConnection(where.hostname, where.port, timeout=60)
+    try:
+        connection.putrequest(method, target, skip_accept_encoding=True)
+        for name, value in headers.items():
+            if name.lower() not in ("content-length", "transfer-encoding") or body is None:
+                connection.putheader(name, value)
+        connection.putheader("content-length", str(len(body or b"")))
+        connection.endheaders(body or b"")
+        status = connection.getresponse().status
+    finally:
+        connection.close()
+    assert status < 500, (method, target, headers, body)
+
+
+def test_the_server_is_healthy_after_the_header_and_path_fuzz(server):
+    status, _ = call(f"{server['url']}/healthz", token=None)
+    assert status == 200
+    x, _ = val_samples(2)
+    assert call(f"{server['url']}/v1/models/digits/predict", {"inputs": x.tolist()})[0] == 200
 
 
 def test_sampling_at_the_edges_of_its_ranges_picks_a_token():

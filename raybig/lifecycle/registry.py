@@ -250,6 +250,14 @@ def model_version(ref: str, uri: str):
         raise SpecError(f"{ref} is not in the registry at {uri}: {str(err).splitlines()[0]}", "models:/") from None
 
 
+def versions_of(name: str, uri: str) -> list[int]:
+    """A registered model's version numbers, newest first (SpecError when it has none)."""
+    numbers = sorted((int(v.version) for v in client(uri).search_model_versions(f"name = '{name}'")), reverse=True)
+    if not numbers:
+        raise SpecError(f"no registered model {name!r} in {uri}", "NAME")
+    return numbers
+
+
 def fetch(ref: str, uri: str) -> tuple[Path, str, int]:
     """The files of a registered version, as a run directory under RAYBIG_CACHE (fetched once per version):
     (directory, model name, version)."""
@@ -269,6 +277,26 @@ def fetch(ref: str, uri: str) -> tuple[Path, str, int]:
         os.replace(fetched, target)
         shutil.rmtree(partial, ignore_errors=True)
     return target, version.name, int(version.version)
+
+
+def registry_uri(spec) -> str:
+    """The registry a spec's models:/ references are looked up in (tracking on or off)."""
+    return spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or local_uri(spec.output.dir)
+
+
+def resolve_registered(spec) -> None:
+    """A registered version named by init_from.source or distill.teacher, fetched here and named by its local
+    directory in the spec, so every rank (and the stored spec) reads those files."""
+    for section, field in ((spec.init_from, "source"), (spec.distill, "teacher")):
+        ref = getattr(section, field, None) if section is not None else None
+        if not ref or not ref.startswith("models:/"):
+            continue
+        where = f"{'init_from' if section is spec.init_from else 'distill'}.{field}"
+        try:
+            path, _, _ = fetch(ref, registry_uri(spec))
+        except SpecError as err:
+            raise SpecError(err.problems[0][1], where) from None
+        setattr(section, field, str(path))
 
 
 def served_arg(arg: str, uri: str) -> str:

@@ -77,9 +77,15 @@ def killed_then_rerun(job, tmp_path, *, env=None, ranks_of: str = "") -> str:
     return first
 
 
+# marks of drivers SIGKILLed on their own Ray, whose leftovers the last test of this module looks for: Ray's
+# agents take up to RAY_AGENTS_S to end, which the tests in between spend instead of a wait
+KILLED_ON_OWN_RAY: list[str] = []
+
+
 def test_a_sigkilled_run_on_its_own_ray_leaves_nothing_and_the_same_command_resumes(job, tmp_path):
     first = killed_then_rerun(job, tmp_path)
-    assert processes_left(first, within_s=RAY_AGENTS_S) == []
+    assert processes_left(first, within_s=0, named=("ray::Rank", "raylet", "gcs_server")) == []  # gone at once
+    KILLED_ON_OWN_RAY.append(first)
 
 
 def test_a_sigkilled_run_on_a_warm_ray_ends_its_ranks_there_and_the_same_command_resumes(job, tmp_path):
@@ -168,7 +174,7 @@ def test_a_sweep_stopped_by_ctrl_c_then_sigkilled_resumes_without_rerunning_ende
     out, err = resumed.communicate(timeout=500)
     assert resumed.returncode == 0, out + err
     assert processes_left(mark) == []
-    assert processes_left(killed, within_s=RAY_AGENTS_S) == []
+    KILLED_ON_OWN_RAY.append(killed)
     final = pd.read_csv(sweep_dir / "results.csv").set_index("trial")
     assert len(final) == 4  # the same four trials, none added
     for trial, stamp in stamps.items():  # those that ended before the kill were not run again
@@ -188,3 +194,10 @@ def test_a_sweep_stopped_by_ctrl_c_then_sigkilled_resumes_without_rerunning_ende
     assert list(others.status) == ["completed"] * 3 and (others.epochs == 3).all()
     best = json.loads((sweep_dir / "best.json").read_text())
     assert best["trial"] == others["val_accuracy"].idxmax()
+
+
+def test_nothing_of_a_sigkilled_drivers_own_ray_is_left():
+    if not KILLED_ON_OWN_RAY:
+        pytest.skip("no driver was killed on its own Ray in this session")
+    for mark in KILLED_ON_OWN_RAY:
+        assert processes_left(mark, within_s=RAY_AGENTS_S) == []
