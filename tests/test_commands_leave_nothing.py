@@ -1,11 +1,15 @@
 """`raybig run` and `raybig serve` as a user runs them, in their own processes: when they exit, nothing of
 the Ray they started is left running (the sweep's case is in test_sweep_ray.py)."""
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import pytest
 import yaml
@@ -59,6 +63,54 @@ def test_raybig_serve_stopped_by_sigterm_leaves_no_ray_process(trained):
         assert proc.wait(timeout=120) == 0, "".join(lines)
     finally:
         if proc.poll() is None:  # a failed check must not leave a second Ray running into later tests
+            proc.kill()
+            proc.wait(timeout=60)
+    assert processes_left(mark) == []
+
+
+def test_a_request_past_serve_request_timeout_s_gets_408_and_the_server_goes_on(no_ray_in_this_process, tmp_path):
+    """serve.request_timeout_s reaches Serve's proxy: a request the model holds longer is answered 408."""
+    from multiproc import run_local
+
+    raw = spec_dict(tmp_path, name="slow", model={"kind": "python", "factory": "slow_model:build",
+                                                 "code": [str(Path(__file__).parent / "data")]},
+                    train={"epochs": 1, "batch_size": 64, "seed": 0},
+                    serve={"request_timeout_s": 2, "batch_wait_ms": 0, "port": 8438})
+    run_local(raw, tmp_path / "runs" / "slow")
+    (tmp_path / "runs" / "slow" / "spec.yaml").write_text(yaml.safe_dump(raw))
+    mark = f"serve-{os.getpid()}-{time.time_ns()}"
+    proc = command("serve", str(tmp_path / "runs" / "slow"), "--trust-code", "--num-cpus", "2", mark=mark,
+                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+
+    def predict(first_pixel: float) -> int:
+        body = json.dumps({"inputs": [[first_pixel] + [0.0] * 63]}).encode()
+        request = urllib.request.Request("http://127.0.0.1:8438/v1/models/slow/predict", data=body,
+                                         headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as reply:
+                return reply.status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    try:
+        deadline = time.monotonic() + 180
+        while not any(line.startswith("models:") for line in lines) and proc.poll() is None:
+            assert time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.2)
+        assert predict(0.0) == 200, "".join(lines)
+        assert predict(123.0) == 408  # the model takes 6 s over it; the spec's timeout is 2 s
+        statuses = []
+        deadline = time.monotonic() + 60  # the replica finishes the abandoned batch, then answers again
+        while not statuses or statuses[-1] != 200:
+            assert time.monotonic() < deadline, statuses
+            statuses.append(predict(0.0))
+        assert set(statuses) <= {200, 408}, statuses
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, "".join(lines)
+    finally:
+        if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=60)
     assert processes_left(mark) == []

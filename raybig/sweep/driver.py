@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import socket
 import shutil
 import time
 from dataclasses import dataclass
@@ -222,7 +223,8 @@ def run_sweep(spec, *, resume: bool = False, fresh: bool = False, address: str |
             live.console.print(f"[yellow]{note}[/]", highlight=False)
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base=base, space=sweep.space, root=str(sweep_dir),
-                                 gates=gate_epochs(sweep, spec.train.epochs), cache=str(cache_dir())),
+                                 gates=gate_epochs(sweep, spec.train.epochs), cache=str(cache_dir()),
+                                 driver={"host": socket.gethostname(), "pid": os.getpid()}),
             functools.partial(trial_resources, base=base, space=sweep.space))
         if resume:
             tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=False,

@@ -27,15 +27,29 @@ REPORTED = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_precision", 
             "epoch_seconds")
 
 
-def run_trial(config: dict, *, base: dict, space: dict, root: str, gates: list[int], cache: str = "") -> None:
+def run_trial(config: dict, *, base: dict, space: dict, root: str, gates: list[int], cache: str = "",
+              driver: dict | None = None) -> None:
     """The Tune trainable. `space` is the sweep's space (for clipping PBT's perturbations), `root` the
     sweep's directory; the trial's run lives in root/trials/<trial id>/. At the epochs in `gates` the
-    ranks wait for Tune's word (raybig.train.group.TrialGate). `cache` is the driver's RAYBIG_CACHE."""
-    import functools
+    ranks wait for Tune's word (raybig.train.group.TrialGate). `cache` is the driver's RAYBIG_CACHE;
+    `driver` the sweep's driver process: a trial whose sweep driver is gone ends its process (on a warm Ray
+    it would train on until Ray saw the sweep's job gone), and its ranks with it."""
     import os
 
     if cache:  # a warm Ray's processes have the environment of `raybig up`, not the sweep's: use its cache
         os.environ["RAYBIG_CACHE"] = cache
+    from raybig.train.worker import watch_driver
+
+    watching = watch_driver(driver)
+    try:
+        _run_trial(config, base=base, space=space, root=root, gates=gates)
+    finally:
+        watching.set()
+
+
+def _run_trial(config: dict, *, base: dict, space: dict, root: str, gates: list[int]) -> None:
+    import functools
+    import os
 
     from ray import tune
 

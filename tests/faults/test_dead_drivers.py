@@ -97,12 +97,39 @@ def test_a_sigkilled_run_on_a_warm_ray_ends_its_ranks_there_and_the_same_command
         out, _ = up.communicate(timeout=120)
         assert up.returncode == 0, out
         killed_then_rerun(job, tmp_path, env=env, ranks_of=up_mark)
+        a_sweep_killed_on_the_warm_ray(tmp_path, env, up_mark)
         assert processes_left(up_mark, within_s=0)  # the warm Ray itself stayed up
     finally:
         down = raybig("down", mark=up_mark, env=env)
         out, _ = down.communicate(timeout=120)
     assert out.strip() == "down", out
     assert processes_left(up_mark) == []
+
+
+def a_sweep_killed_on_the_warm_ray(tmp_path, env: dict, up_mark: str) -> None:
+    """`raybig sweep` SIGKILLed mid-trial: its trial, a process of the warm Ray, ends there and trains no
+    further epoch (it watches the sweep's driver; Ray alone let it train 3 more epochs here)."""
+    raw = {"name": "long", "model": {"kind": "mlp", "hidden": [64]}, "data": {"source": "digits"},
+           "train": {"epochs": 200, "batch_size": 64, "seed": 0}, "output": {"dir": str(tmp_path / "sweeps")},
+           "sweep": {"searcher": "grid", "space": {"train.optimizer.lr": {"grid": [0.002]}}}}
+    spec_file = tmp_path / "long.yaml"
+    spec_file.write_text(yaml.safe_dump(raw))
+    proc = raybig("sweep", str(spec_file), mark=f"sweep-{os.getpid()}-{time.time_ns()}", env=env)
+    trials = tmp_path / "sweeps" / "long" / "sweep" / "trials"
+    deadline = time.monotonic() + 240
+
+    def epochs() -> int:
+        found = list(trials.glob("*/metrics.json"))
+        return len(json.loads(found[0].read_text())) if found else 0
+
+    while epochs() < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "slow"
+        time.sleep(0.05)
+    at_kill = epochs()
+    proc.kill()
+    proc.wait(timeout=30)
+    assert processes_left(up_mark, named="ray::ImplicitFu") == [], "the dead sweep's trial trains on"
+    assert epochs() <= at_kill + 1  # at most the epoch it was in
 
 
 # ----------------------------------------------------------------------------- a sweep, stopped twice
