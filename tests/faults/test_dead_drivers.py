@@ -108,9 +108,10 @@ def test_a_sigkilled_run_on_a_warm_ray_ends_its_ranks_there_and_the_same_command
 
 def a_sweep_killed_on_the_warm_ray(tmp_path, env: dict, up_mark: str) -> None:
     """`raybig sweep` SIGKILLed mid-trial: its trial, a process of the warm Ray, ends there and trains no
-    further epoch (it watches the sweep's driver; Ray alone let it train 3 more epochs here)."""
-    raw = {"name": "long", "model": {"kind": "mlp", "hidden": [64]}, "data": {"source": "digits"},
-           "train": {"epochs": 200, "batch_size": 64, "seed": 0}, "output": {"dir": str(tmp_path / "sweeps")},
+    further epoch (it watches the sweep's driver, 5 times a second; an epoch here takes a second or two)."""
+    raw = {"name": "long", "model": {"kind": "cnn", "channels": [16, 32]}, "data": {"source": "digits"},
+           "train": {"epochs": 200, "batch_size": 8, "optimizer": {"name": "adam", "lr": 1e-3}, "seed": 0},
+           "output": {"dir": str(tmp_path / "sweeps")},
            "sweep": {"searcher": "grid", "space": {"train.optimizer.lr": {"grid": [0.002]}}}}
     spec_file = tmp_path / "long.yaml"
     spec_file.write_text(yaml.safe_dump(raw))
