@@ -59,22 +59,20 @@ def validate(
               f"{p.workers} worker(s): data {p.data} x pipeline {p.pipeline.stages})", highlight=False)
     for note in notes:
         out.print(f"  {escape(note)}", highlight=False)
-    if spec.init_from is not None:  # what init_from.train_last counts
+    if spec.init_from is not None or p.pipeline.stages > 1:
         from raybig.models import build_model
         from raybig.models.parts import NoParts, model_parts
 
         try:
             parts = model_parts(build_model(spec.model, meta), getattr(spec.model, "blocks", None))
-            out.print("  parts: " + ", ".join(f"{i} {next(iter(part.modules))} ({part.name})"
-                                              for i, part in enumerate(parts)), highlight=False)
-        except NoParts:
-            pass
+        except NoParts:  # check_plan refused stages of such a model; init_from then freezes by name only
+            parts = []
+    if spec.init_from is not None and parts:  # what init_from.train_last counts
+        out.print("  parts: " + ", ".join(f"{i} {next(iter(part.modules))} ({part.name})"
+                                          for i, part in enumerate(parts)), highlight=False)
     if p.pipeline.stages > 1:
-        from raybig.models import build_model
-        from raybig.models.parts import model_parts
         from raybig.train.parallel import describe_stages
 
-        parts = model_parts(build_model(spec.model, meta), getattr(spec.model, "blocks", None))
         for line in describe_stages(parts, p.pipeline):
             out.print(f"  {line}", highlight=False)
     if spec.sweep is not None:
@@ -249,11 +247,11 @@ def serve_runs(
     from raybig.cluster import ray_session
     from raybig.serve.app import ServeStartFailed, direct_urls, entry_from_arg, start, stop
 
-    from raybig.lifecycle.registry import served_arg
+    from raybig.lifecycle.registry import served_arg, store_uri
 
-    try:
-        entries = [entry_from_arg(_registry_call(served_arg, arg, _registry_uri(tracking_uri)), trust_code)
-                   for arg in runs]
+    try:  # only a registered version needs the registry (and MLflow's import)
+        entries = [entry_from_arg(_registry_call(served_arg, arg, store_uri(tracking_uri))
+                                  if arg.startswith("models:/") else arg, trust_code) for arg in runs]
     except SpecError as error:
         _fail(error)
     first = entries[0].serve
@@ -399,14 +397,6 @@ def compress(
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
-def _registry_uri(uri: Optional[str]) -> str:
-    import os
-
-    from raybig.lifecycle.registry import local_uri
-
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or local_uri("runs")
-
-
 def _registry_call(fn, *args):
     """A registry call whose MLflow error is the user's to fix (exit 2, no traceback)."""
     from mlflow.exceptions import MlflowException
@@ -448,9 +438,9 @@ def promote(
     tracking_uri: Optional[str] = TrackingUriOption,
 ):
     """Point an alias of a registered model (champion by default) at one of its versions."""
-    from raybig.lifecycle.registry import promote as move
+    from raybig.lifecycle.registry import promote as move, store_uri
 
-    uri = _registry_uri(tracking_uri)
+    uri = store_uri(tracking_uri)
     _registry_call(move, name, version, alias, uri)
     out.print(f"models:/{name}@{alias} -> version {version} ({uri})", highlight=False)
 
@@ -468,12 +458,12 @@ def lineage(
     from raybig.lifecycle import registry
 
     if not Path(ref).exists() and re.match(NAME_PATTERN, ref):  # a registered model: all its versions
-        versions = _registry_call(registry.versions_of, ref, _registry_uri(tracking_uri))
+        versions = _registry_call(registry.versions_of, ref, registry.store_uri(tracking_uri))
         for number in versions:
             lineage(f"models:/{ref}/{number}", tracking_uri)
         return
     if ref.startswith("models:/"):
-        uri = _registry_uri(tracking_uri)
+        uri = registry.store_uri(tracking_uri)
         version = _registry_call(registry.model_version, ref, uri)
         aliases = f" (aliases: {', '.join(version.aliases)})" if version.aliases else ""
         out.print(f"{ref} = {version.name} version {version.version}{aliases}, from MLflow run {version.run_id}",

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 METHODS = ("quantize", "prune", "low_rank")
-SCALE = ".int8_scale"
-PRUNED = "pruned.safetensors"  # a pruned model before its fine-tune  # the suffix of a quantized weight's row scales in model.safetensors
+SCALE = ".int8_scale"  # the suffix of a quantized weight's row scales in model.safetensors
+PRUNED = "pruned.safetensors"  # a pruned model before its fine-tune
 
 
 # ----------------------------------------------------------------------------- quantize

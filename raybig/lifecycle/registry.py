@@ -174,13 +174,9 @@ def start_tracking(spec) -> Tracker | None:
 def run_uri(run_dir: Path, uri: str | None) -> str:
     """The tracking store for commands about a run: given, the one it was tracked to, or the local default."""
     record = Path(run_dir) / RECORD
-    if uri:
-        return uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    if record.is_file():
+    if not uri and not os.environ.get("MLFLOW_TRACKING_URI") and record.is_file():
         return json.loads(record.read_text())["uri"]
-    return local_uri(Path(run_dir).resolve().parent)
+    return store_uri(uri, Path(run_dir).resolve().parent)
 
 
 def tracked_run_id(run_dir: Path, uri: str) -> str:
@@ -279,9 +275,15 @@ def fetch(ref: str, uri: str) -> tuple[Path, str, int]:
     return target, version.name, int(version.version)
 
 
+def store_uri(given: str | None = None, output_dir: str | Path = "runs") -> str:
+    """The MLflow store a command works with, tracking on or off: the one given, else $MLFLOW_TRACKING_URI,
+    else the local store beside the runs."""
+    return given or os.environ.get("MLFLOW_TRACKING_URI") or local_uri(output_dir)
+
+
 def registry_uri(spec) -> str:
-    """The registry a spec's models:/ references are looked up in (tracking on or off)."""
-    return spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or local_uri(spec.output.dir)
+    """The registry a spec's models:/ references are looked up in."""
+    return store_uri(spec.tracking.uri, spec.output.dir)
 
 
 def resolve_registered(spec) -> None:

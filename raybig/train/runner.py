@@ -56,12 +56,10 @@ def check_plan(spec: JobSpec, meta: DataMeta, cpus: float | None) -> list[str]:
     """Cross-checks that need the data or the cluster's CPUs (where known), made before any worker starts;
     a registered version the spec starts from or distils from is fetched, and the spec names its files.
     Returns notes for the user: what fine-tuning loads, which teacher distils."""
-    problems, notes = [], []
-    if any(ref and ref.startswith("models:/") for ref in (getattr(spec.init_from, "source", None),
-                                                          getattr(spec.distill, "teacher", None))):
-        from raybig.lifecycle.registry import resolve_registered
+    from raybig.lifecycle.registry import resolve_registered
 
-        resolve_registered(spec)
+    problems, notes = [], []
+    resolve_registered(spec)
     wanted = getattr(spec.model, "num_classes", None)
     if wanted is not None and wanted != meta.num_classes:
         problems.append(("model.num_classes", f"{wanted}, but the data has {meta.num_classes} classes"))
