@@ -56,7 +56,7 @@ def validate(
         _fail(error)
     p = spec.parallelism
     out.print(f"[green]ok[/]: {spec_path} ({spec.name}: {spec.model.kind} on {spec.data.source}, "
-              f"{p.workers} worker(s): data {p.data} x pipeline {p.pipeline.stages})", highlight=False)
+              f"{p.workers} worker(s): {p.degrees})", highlight=False)
     for note in notes:
         out.print(f"  {escape(note)}", highlight=False)
     if spec.init_from is not None or p.pipeline.stages > 1:
@@ -116,7 +116,7 @@ def run(
 
     phases = Phases()
     spec = _load(spec_path, set_)
-    err.print(f"[bold]{spec.name}[/]: {spec.model.kind} on {spec.data.source}, data parallel x{spec.parallelism.data}, "
+    err.print(f"[bold]{spec.name}[/]: {spec.model.kind} on {spec.data.source}, {spec.parallelism.degrees}, "
               f"{spec.train.epochs} epochs, global batch {spec.train.batch_size}", highlight=False)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (see serve)
     phases.mark("python, imports, spec")
@@ -188,7 +188,7 @@ def sweep(
     sw = spec.sweep
     err.print(f"[bold]{spec.name}[/]: {'resuming ' if resume else ''}{sw.searcher} search over "
               f"{', '.join(sw.space)}; {sw.scheduler.name} scheduler, {sw.max_concurrent} trial(s) at a time, "
-              f"each data x{spec.parallelism.data} pipeline x{spec.parallelism.pipeline.stages}", highlight=False)
+              f"each {spec.parallelism.degrees}", highlight=False)
     try:
         outcome = run_sweep(spec, resume=resume, fresh=fresh, address=address, num_cpus=num_cpus, verbose=verbose,
                             console=err)

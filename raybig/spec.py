@@ -362,7 +362,19 @@ class TrainSpec(Strict):
         default=100.0, gt=1, description="Stop the run as diverged when an epoch's mean training loss exceeds this "
         "multiple of the run's first step loss (NaN or infinite losses always stop it); null turns the check off.")
     seed: int = 0
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32", description="bf16 and fp16 run the forward under autocast (weights and optimizer state "
+        "stay fp32; under fsdp, FSDP2's mixed-precision policy gathers parameters in that dtype and reduces "
+        "gradients in fp32); fp16 also scales the loss dynamically, skipping a step whose gradients overflow.")
+    grad_accumulation: int = Field(
+        default=1, ge=1, description="Split each rank's batch into this many microbatches, run one after another, "
+        "with gradients synchronised across ranks once, after the last: the same optimizer step, with the "
+        "activation memory of a batch this many times smaller. With pipeline stages use "
+        "parallelism.pipeline.microbatches, which does the same.")
+    activation_checkpointing: Literal["none", "full", "selective"] = Field(
+        default="none", description="Per repeated block: full keeps only each block's input and recomputes the "
+        "rest in backward; selective keeps the outputs of matrix multiplies and attention and recomputes the "
+        "cheap element-wise work; none keeps everything (fastest, most memory).")
     compile: Literal["off", "model", "blocks"] = Field(
         default="off", description="torch.compile, applied from outside the model: model compiles what each rank "
         "runs whole (the model, or its pipeline stages); blocks compiles each repeated block on its own, as "
@@ -390,10 +402,21 @@ class ParallelismSpec(Strict):
         "parameters, gradients and optimizer state are sharded over the data ranks (FSDP2 fully_shard, per "
         "block), for models that do not fit one device.")
     pipeline: PipelineSpec = Field(default_factory=PipelineSpec)
+    tensor: int = Field(
+        default=1, ge=1, description="Tensor-parallel degree: each block's attention (by heads) and MLP (column- "
+        "then row-wise) split over this many ranks (torch.distributed.tensor.parallel), for the transformer, "
+        "Llama-style hf models (from the config's own plan) and python models defining raybig_tp_plan().")
 
     @property
     def workers(self) -> int:
-        return self.data * self.pipeline.stages
+        return self.data * self.pipeline.stages * self.tensor
+
+    @property
+    def degrees(self) -> str:
+        """The layout in words: data 2 (fsdp) x pipeline 2 x tensor 2."""
+        out = f"data {self.data}" + (" (fsdp)" if self.data_mode == "fsdp" else "")
+        out += f" x pipeline {self.pipeline.stages}" if self.pipeline.stages > 1 else ""
+        return out + (f" x tensor {self.tensor}" if self.tensor > 1 else "")
 
 
 class ResourcesSpec(Strict):
@@ -704,9 +727,9 @@ class JobSpec(Strict):
         if is_lm and self.train.loss == "mse":
             problems.append(("train.loss", "the language model trains with cross_entropy"))
         problems += _pipeline_problems(self)
-        if self.parallelism.data_mode == "fsdp" and self.parallelism.pipeline.stages > 1:
-            problems.append(("parallelism.data_mode", "fsdp with pipeline stages is not supported yet; use ddp "
-                             "with stages, or fsdp without them"))
+        problems += _memory_lever_problems(self)
+        problems += _tensor_problems(self)
+        problems += _gpu_problems(self)
         if self.sweep is not None and not problems:
             from raybig.sweep.space import space_problems  # probes the space by parsing specs: needs this class
 
@@ -718,6 +741,48 @@ class JobSpec(Strict):
     def to_yaml(self) -> str:
         skip = {"sweep"} if self.sweep is None else None  # a run's stored spec stays free of an empty section
         return yaml.safe_dump(self.model_dump(mode="json", exclude=skip), sort_keys=False)
+
+
+def _memory_lever_problems(spec: "JobSpec") -> list[tuple[str, str]]:
+    t, p = spec.train, spec.parallelism
+    if t.grad_accumulation == 1:
+        return []
+    if p.pipeline.stages > 1:
+        return [("train.grad_accumulation", "a pipeline schedule already accumulates over its microbatches: use "
+                 "parallelism.pipeline.microbatches")]
+    if t.batch_size % (p.data * t.grad_accumulation):
+        return [("train.batch_size", f"global batch {t.batch_size} is not divisible by parallelism.data x "
+                 f"train.grad_accumulation = {p.data * t.grad_accumulation}")]
+    return []
+
+
+def _tensor_problems(spec: "JobSpec") -> list[tuple[str, str]]:
+    """What the spec alone tells about tensor parallelism; the model's own plan is checked by check_plan."""
+    tp, m = spec.parallelism.tensor, spec.model
+    if tp == 1:
+        return []
+    if m.kind in ("mlp", "cnn", "lstm"):
+        return [("parallelism.tensor", f"the {m.kind} model has no tensor-parallel plan: tensor parallelism splits "
+                 "attention heads and MLPs (model.kind transformer or hf, or a python model with raybig_tp_plan())")]
+    out = []
+    if m.kind == "transformer" and m.heads % tp:
+        out.append(("parallelism.tensor", f"{tp} does not divide model.heads {m.heads}: each rank takes whole heads"))
+    if m.kind == "hf" and m.lora:
+        out.append(("parallelism.tensor", "LoRA trains data-parallel (the merged model is made from whole weights)"))
+    if spec.init_from is not None and spec.init_from.keep_zeros:
+        out.append(("init_from.keep_zeros", "keeps zeros of whole weights: leave parallelism.tensor at 1"))
+    return out
+
+
+def _gpu_problems(spec: "JobSpec") -> list[tuple[str, str]]:
+    """NCCL runs one rank per GPU: two ranks given the same device fail inside it ("Duplicate GPU detected")."""
+    gpus, workers = spec.resources.gpus_per_worker, spec.parallelism.workers
+    if gpus == 0 or float(gpus).is_integer() or (gpus < 1 and workers == 1):
+        return []
+    if gpus < 1:
+        return [("resources.gpus_per_worker", f"{gpus:g} lets Ray put two of the run's {workers} ranks on one GPU, "
+                 "which NCCL refuses (one rank per device): give each rank a whole GPU (1)")]
+    return [("resources.gpus_per_worker", f"{gpus:g}: a rank uses one device; give a whole number of GPUs")]
 
 
 def _pipeline_problems(spec: "JobSpec") -> list[tuple[str, str]]:

@@ -36,10 +36,10 @@ def _worker(rank, world, port, raw, store_dir):
 
 
 def run_local(raw: dict, store_dir) -> None:
-    """Train `raw` (a spec dict) with data x stages processes; rank 0 writes the run to store_dir
+    """Train `raw` (a spec dict) with data x stages x tensor processes; rank 0 writes the run to store_dir
     (a path, or an s3:// / gs:// run location: then every process works in a local copy of its own)."""
     p = raw.get("parallelism", {})
-    world = p.get("data", 1) * p.get("pipeline", {}).get("stages", 1)
+    world = p.get("data", 1) * p.get("pipeline", {}).get("stages", 1) * p.get("tensor", 1)
     if world == 1:
         _worker(0, 1, 0, raw, str(store_dir))
         return

@@ -78,12 +78,13 @@ def test_one_process_reproduces_a_plain_transformers_loop(single):
     np.testing.assert_allclose(losses, plain_transformers_losses(job(single, "one"), len(losses)), rtol=1e-4)
 
 
-@pytest.mark.parametrize("data, pipeline, mode", [(2, None, "ddp"), (2, None, "fsdp"),
-                                                 (1, {"stages": 2, "microbatches": 2, "schedule": "1f1b"}, "ddp")],
-                         ids=["data2", "fsdp data2", "pipeline2"])
-def test_data_and_pipeline_layouts_reproduce_one_process(tmp_path, single, data, pipeline, mode):
+@pytest.mark.parametrize("data, pipeline, mode, tensor", [
+    (2, None, "ddp", 1), (2, None, "fsdp", 1), (1, {"stages": 2, "microbatches": 2, "schedule": "1f1b"}, "ddp", 1),
+    (1, None, "ddp", 2)], ids=["data2", "fsdp data2", "pipeline2", "tensor2"])
+def test_data_pipeline_and_tensor_layouts_reproduce_one_process(tmp_path, single, data, pipeline, mode, tensor):
     raw = job(tmp_path, "p", data=data, pipeline=pipeline)
     raw["parallelism"]["data_mode"] = mode  # fsdp: each decoder layer is its own shard unit
+    raw["parallelism"]["tensor"] = tensor  # from the config's own plan: q, k, v, gate, up by columns; o, down by rows
     run_local(raw, tmp_path / "p")
     np.testing.assert_allclose(step_losses(tmp_path / "p"), step_losses(single), rtol=1e-4)
     from safetensors.torch import load_file

@@ -192,6 +192,7 @@ def test_compile_is_applied_from_outside_to_blocks_or_to_what_each_rank_runs():
     from types import SimpleNamespace
 
     from raybig.train.parallel import compile_blocks, parallelize
+    from raybig.train.precision import Precision
 
     spec = parse_spec({"name": "x", "model": {"kind": "transformer", "layers": 2}, "data": {"source": "digits"},
                        "train": {"compile": "model"}})
@@ -201,7 +202,7 @@ def test_compile_is_applied_from_outside_to_blocks_or_to_what_each_rank_runs():
     assert compiled == ["Layer", "Layer"]  # the repeated blocks; the embedding and head stay eager
     env = SimpleNamespace(rank=0, world=1, device=torch.device("cpu"), distributed=False)
     other = build_model(spec.model, describe(spec.data), seed=0)
-    layout = parallelize(other, spec, env, None, None)
+    layout = parallelize(other, spec, env, None, Precision("fp32", env.device))
     assert layout.local[0] is other and other._compiled_call_impl is not None
 
 

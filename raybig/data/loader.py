@@ -61,7 +61,8 @@ def rank_sources(spec, train, val, rank: int) -> tuple:
     All stages of a pipeline replica see that replica's batch, and evaluate in batches of the training
     microbatch shape (the shape its stages were built for)."""
     dp, stages = spec.parallelism.data, spec.parallelism.pipeline.stages
-    batch, seed, replica = spec.train.batch_size, spec.train.seed, rank // stages
+    # the ranks of one replica (its stages, and their tensor-parallel shards) see the same batches
+    batch, seed, replica = spec.train.batch_size, spec.train.seed, rank // (stages * spec.parallelism.tensor)
     eval_batch = batch // dp if stages > 1 else 512
     from raybig.data.shards import ShardedSplit
 

@@ -27,6 +27,11 @@ class BlockModel(nn.Module):
         return [module_part(f"blocks.{i}", block, block=kinds.count(type(block)) > 1)
                 for i, block in enumerate(self.blocks)]
 
+    def raybig_tp_plan(self) -> dict[str, str]:
+        """The blocks' own tensor-parallel plans (a TP_PLAN of paths in the block), at their paths here."""
+        return {f"blocks.{i}.{path}": style for i, block in enumerate(self.blocks)
+                for path, style in getattr(block, "TP_PLAN", {}).items()}
+
 
 class Reshape(nn.Module):
     """Gives a flat or (T, F) sample the shape the next layer wants, keeping the batch dimension."""

@@ -154,6 +154,25 @@ class HFModel(nn.Module):
                                      lambda h: head(base.norm(h)), block=False)]
 
 
+    def raybig_tp_plan(self) -> dict[str, str]:
+        """The config's own tensor-parallel plan (`base_model_tp_plan`: layers.*.self_attn.q_proj colwise, ...),
+        at the base model's path here; raybig applies its colwise and rowwise entries."""
+        plan = getattr(self.hf.config, "base_model_tp_plan", None) or {}
+        if not plan:
+            raise ValueError(f"transformers has no tensor-parallel plan for {type(self.hf).__name__}")
+        styles = sorted({style for style in plan.values()} - {"colwise", "rowwise"})
+        if styles:
+            raise ValueError(f"{type(self.hf).__name__}'s tensor-parallel plan uses {', '.join(styles)}, which "
+                             "raybig does not apply (colwise and rowwise only)")
+        return {f"{self.hf.base_model_prefix}.{path}": style for path, style in plan.items()}
+
+    def raybig_tp_heads(self) -> dict[str, int]:
+        """The head counts a tensor-parallel degree must divide (each rank takes whole heads), by spec field."""
+        config = self.hf.config
+        return {f"model.config.{name}": getattr(config, name) for name in ("num_attention_heads", "num_key_value_heads")
+                if getattr(config, name, None)}
+
+
 class HFCausalLM(HFModel):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.hf(input_ids=input_ids.long(), use_cache=False).logits

@@ -6,22 +6,32 @@ from torch import nn
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention with separate q, k, v projections, so a tensor-parallel rank can take whole
+    heads (columns of each) and the output projection the matching rows; the head count is read from the
+    projection's width, which under tensor parallelism is this rank's share."""
+
     def __init__(self, dim: int, heads: int, dropout: float, causal: bool):
         super().__init__()
-        self.heads, self.causal, self.dropout = heads, causal, dropout
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.head_dim, self.causal, self.dropout = dim // heads, causal, dropout
+        # no key bias: it adds the same to every score of a query, which softmax ignores (its gradient is
+        # rounding noise, which Adam would amplify into updates)
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        b, t, _ = x.shape
+        q, k, v = (f(x).view(b, t, -1, self.head_dim).transpose(1, 2) for f in (self.q, self.k, self.v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+        return self.proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
 class Layer(nn.Module):
     """A pre-norm transformer layer: the unit a pipeline stage boundary may fall between."""
+    # Megatron's split: q, k, v and the MLP's first layer by columns, their partners by rows, so each layer
+    # needs one all-reduce forward (and one backward) per half
+    TP_PLAN = {"attn.q": "colwise", "attn.k": "colwise", "attn.v": "colwise", "attn.proj": "rowwise",
+               "ff.0": "colwise", "ff.2": "rowwise"}
 
     def __init__(self, dim: int, heads: int, ff_mult: int, dropout: float, causal: bool):
         super().__init__()

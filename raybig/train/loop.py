@@ -26,6 +26,7 @@ from raybig.train.optim import (add_penalty_gradients, apply_spec_hyperparameter
                                 penalized_weights)
 from raybig.train.parallel import (clip_grad_norm, full_optimizer_state, load_optimizer_state, load_state, local_numel,
                                    parallelize, parameters, state_dict)
+from raybig.train.precision import Precision
 
 
 @dataclass
@@ -87,7 +88,7 @@ def evaluate(spec, layout, env: WorkerEnv, meta, criterion) -> dict[str, float]:
     for x, y in _val_batches(spec, layout, env):
         x, y = x.to(env.device), y.to(env.device)
         out = layout.forward(x, y)
-        if out is None or len(y) == 0:
+        if out is None or len(y) == 0 or not layout.reports:
             continue
         counted = y != IGNORE
         n = int(counted.sum())
@@ -114,7 +115,7 @@ def _evaluate_regression(spec, layout, env: WorkerEnv, criterion) -> dict[str, f
     sums = torch.zeros(3, dtype=torch.float64)  # squared errors, absolute errors, rows
     for x, y in _val_batches(spec, layout, env):
         out = layout.forward(x.to(env.device), y.to(env.device))
-        if out is None or len(y) == 0:
+        if out is None or len(y) == 0 or not layout.reports:
             continue
         error = out.reshape(-1).double().cpu() - y.reshape(-1).double()
         sums += torch.stack([error.pow(2).sum(), error.abs().sum(), torch.tensor(float(len(error)), dtype=torch.float64)])
@@ -141,10 +142,6 @@ def _in_step(batches, layout, env: WorkerEnv):
     x, y = (batches[0] if batches else (torch.zeros(0), torch.zeros(0, dtype=torch.long)))
     for _ in range(int(most) - len(batches)):
         yield x[:0], y[:0]
-
-
-def _autocast(spec, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.train.precision == "bf16")
 
 
 @dataclass
@@ -185,7 +182,8 @@ def fit(spec, meta, env: WorkerEnv, store: RunStore) -> list[dict]:
     criterion = getattr(model, "loss", None) or (lambda out, y: loss_fn(spec, out, y))  # the model's own, if any
     d = spec.distill
     training_loss = distilling(criterion, d.temperature, d.alpha) if d else criterion
-    layout = parallelize(model, spec, env, training_loss, lambda: _autocast(spec, env.device))
+    precision = Precision(t.precision, env.device)
+    layout = parallelize(model, spec, env, training_loss, precision)
     teacher = Teacher(spec, env.device) if d and layout.holds_output else None  # where the loss is computed
     params = parameters(layout)
     optimizer = build_optimizer(parameter_groups(layout.local, pretrained, spec.init_from.pretrained_lr_scale)
@@ -201,6 +199,8 @@ def fit(spec, meta, env: WorkerEnv, store: RunStore) -> list[dict]:
         if trainer_state is not None and ckpt_meta.get("layout") == _layout_key(spec) and same_optimizer:
             load_optimizer_state(layout, optimizer, trainer_state["optimizer"])
             scheduler.load_state_dict(trainer_state["scheduler"])
+            if "precision" in trainer_state:
+                precision.load_state_dict(trainer_state["precision"])
         else:  # weights are layout-free; optimizer state is per stage (and per optimizer): start it afresh
             scheduler.last_epoch = ckpt_meta["step"]
         apply_spec_hyperparameters(optimizer, scheduler, t.optimizer)
@@ -222,8 +222,9 @@ def fit(spec, meta, env: WorkerEnv, store: RunStore) -> list[dict]:
         for i, (x, y) in enumerate(env.train.train_batches(epoch, start=first), start=first):
             if env.stop is not None and env.stop.is_set():  # its trial is over (one rank: no peer waits)
                 return history
-            # dropout masks: reproducible per step (so a resumed run draws the same), distinct per rank
-            torch.manual_seed(t.seed * 7919 + step * 131 + env.rank)
+            # dropout masks: reproducible per step (so a resumed run draws the same), distinct per rank but the
+            # same across a tensor-parallel group, whose ranks hold the same activations
+            torch.manual_seed(t.seed * 7919 + step * 131 + env.rank // spec.parallelism.tensor)
             if env.device.type == "cuda":  # a copy from pinned memory overlaps the step before it
                 x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
@@ -231,14 +232,15 @@ def fit(spec, meta, env: WorkerEnv, store: RunStore) -> list[dict]:
                 y = teacher.targets(x, y)
             optimizer.zero_grad(set_to_none=True)
             loss = layout.train_step(x, y)
-            add_penalty_gradients(weights, reg.l1, reg.l2)
-            if t.grad_clip:
-                clip_grad_norm(layout, t.grad_clip)
-            optimizer.step()
-            keep_zeros(masks)
+            if precision.unscale(params):  # False: fp16 gradients overflowed, and the step is skipped
+                add_penalty_gradients(weights, reg.l1, reg.l2)
+                if t.grad_clip:
+                    clip_grad_norm(layout, t.grad_clip)
+                optimizer.step()
+                keep_zeros(masks)
             scheduler.step()
             step += 1
-            losses.new.append(loss.detach().double() if loss is not None else zero)
+            losses.new.append(loss.detach().double() if loss is not None and layout.reports else zero)
             epoch_end = i == plan.steps_per_epoch - 1
             if env.progress and (i % 10 == 0 or epoch_end):
                 env.progress({"type": "step", "epoch": epoch, "step": i + 1, "steps": plan.steps_per_epoch,
@@ -254,8 +256,9 @@ def fit(spec, meta, env: WorkerEnv, store: RunStore) -> list[dict]:
             if plan.checkpoints_at(step, epoch, epoch_end):
                 position = (epoch, 0) if epoch_end else (epoch - 1, i + 1)
                 newest = record or (history[-1] if history else None)
-                _checkpoint(spec, meta, store, layout, optimizer, scheduler, position, step, newest, history, losses,
-                            env, last=step == plan.total)
+                _checkpoint(spec, meta, store, layout, {"optimizer": optimizer, "scheduler": scheduler,
+                            "precision": precision}, position, step, newest, history, losses, env,
+                            last=step == plan.total)
             if record is not None:
                 _report(record, history, store, env)
                 started = time.perf_counter()
@@ -313,6 +316,8 @@ def _record(spec, meta, layout, env, criterion, scheduler, epoch, step, losses, 
     # what each rank really needs: its peak memory (MB), and the parameters it holds (a stage, a shard)
     record["peak_rss_mb"] = _per_rank(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, env)
     record["parameters_per_rank"] = _per_rank(sum(local_numel(p) for p in params), env)
+    if env.device.type == "cuda":
+        record["peak_device_mb"] = _per_rank(torch.cuda.max_memory_allocated(env.device) / 2**20, env)
     record["epoch_seconds"] = time.perf_counter() - started  # since the last record, evaluation included
     return record
 
@@ -355,9 +360,11 @@ def _per_rank(value: float, env: WorkerEnv) -> list[float]:
 
 
 def _layout_key(spec) -> list:
+    """What the optimizer's checkpointed state depends on: stages, and sharding by name."""
     p = spec.parallelism.pipeline
     key = [p.stages, p.total_stages, p.split_points]
-    return key + ["fsdp"] if spec.parallelism.data_mode == "fsdp" else key
+    key += ["fsdp"] if spec.parallelism.data_mode == "fsdp" else []
+    return key + [f"tensor {spec.parallelism.tensor}"] if spec.parallelism.tensor > 1 else key
 
 
 def _barrier(env: WorkerEnv) -> None:
@@ -365,7 +372,7 @@ def _barrier(env: WorkerEnv) -> None:
         dist.barrier()
 
 
-def _checkpoint(spec, meta, store: RunStore, layout, optimizer, scheduler, position, step, record, history,
+def _checkpoint(spec, meta, store: RunStore, layout, trainer: dict, position, step, record, history,
                 losses, env, last: bool) -> None:
     """Each pipeline rank of the first data-parallel replica writes its part of a checkpoint; rank 0 then
     merges the parts into one full model and renames the checkpoint into place. `position` is (whole epochs,
@@ -376,11 +383,12 @@ def _checkpoint(spec, meta, store: RunStore, layout, optimizer, scheduler, posit
         store.clear(pending)
     _barrier(env)
     # every rank: gathering a sharded model's (and optimizer's) state is a collective
-    state, optimizer_state = state_dict(layout), full_optimizer_state(layout, optimizer)
+    state, optimizer_state = state_dict(layout), full_optimizer_state(layout, trainer["optimizer"])
     unrecorded = losses.averaged(env, spec.parallelism.data)
     if layout.writes_part:
         store.write_part(pending, layout.mesh.pp_index, state,
-                         {"optimizer": optimizer_state, "scheduler": scheduler.state_dict()})
+                         {"optimizer": optimizer_state, "scheduler": trainer["scheduler"].state_dict(),
+                          "precision": trainer["precision"].state_dict()})
     _barrier(env)
     if env.rank != 0:
         return

@@ -5,6 +5,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 def build_optimizer(params, opt) -> torch.optim.Optimizer:
@@ -16,6 +17,8 @@ def build_optimizer(params, opt) -> torch.optim.Optimizer:
     if params and isinstance(params[0], dict):  # parameter groups, each at its "lr_scale" of the rate
         params = [{**group, "lr": opt.lr * group.get("lr_scale", 1.0)} for group in params]
     flat = [p for group in params for p in group["params"]] if params and isinstance(params[0], dict) else params
+    if len({isinstance(p, DTensor) for p in flat}) > 1:
+        params = _by_kind(params if isinstance(params[0], dict) else [{"params": params}])
     on_gpu = bool(flat) and all(p.is_cuda for p in flat)
     fused = {"fused": True} if on_gpu else {"foreach": True}
     each = {"foreach": True}
@@ -37,6 +40,14 @@ def build_optimizer(params, opt) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay,
                                  **fused)
     raise ValueError(f"unknown optimizer {opt.name!r}")
+
+
+def _by_kind(groups: list[dict]) -> list[dict]:
+    """A foreach or fused kernel takes DTensors (tensor-parallel shards) or plain tensors, not both: with both,
+    each group splits in two, the same in all but its parameters."""
+    return [{**group, "params": kept} for group in groups
+            for kept in ([p for p in group["params"] if isinstance(p, DTensor) == kind] for kind in (True, False))
+            if kept]
 
 
 def penalized_weights(model: nn.Module) -> list[torch.Tensor]:

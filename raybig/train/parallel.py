@@ -1,19 +1,24 @@
-"""Parallelism applied from outside the model, in torchtitan's order: lay out the mesh, split the model
-into stages, wrap each stage for data parallelism, then build the pipeline schedule.
+"""Parallelism applied from outside the model, in torchtitan's order: lay out the (dp, pp, tp) mesh, split
+each block's layers over the tensor-parallel ranks, checkpoint and compile blocks, split the model into
+stages, shard or replicate each over the data-parallel ranks, then build the pipeline schedule.
 
 The training loop sees one object, a `Layout`, whatever the degrees: it asks it to run a forward and
 backward pass on a batch, to run a forward pass for evaluation, and for this rank's share of the weights.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from raybig.models.parts import NoParts, Part, model_parts
+from raybig.train.activations import checkpoint_blocks
 
 SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B"}
 
@@ -21,32 +26,38 @@ SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b
 # ----------------------------------------------------------------------------- the mesh
 @dataclass(frozen=True)
 class Mesh:
-    """Where a rank sits in the (dp, pp) grid; rank = dp_index * pp + pp_index."""
+    """Where a rank sits in the (dp, pp, tp) grid; rank = (dp_index * pp + pp_index) * tp + tp_index, so a
+    tensor-parallel group (which talks most) is the nearest ranks, on one host where a host has several."""
     dp: int
     pp: int
     rank: int
+    tp: int = 1
 
     @property
     def dp_index(self) -> int:
-        return self.rank // self.pp
+        return self.rank // (self.pp * self.tp)
 
     @property
     def pp_index(self) -> int:
-        return self.rank % self.pp
+        return self.rank // self.tp % self.pp
+
+    @property
+    def tp_index(self) -> int:
+        return self.rank % self.tp
 
     @property
     def world(self) -> int:
-        return self.dp * self.pp
+        return self.dp * self.pp * self.tp
 
 
 def device_mesh(mesh: Mesh):
-    """The named (dp, pp) DeviceMesh of the run; None where there is no process group."""
+    """The named (dp, pp, tp) DeviceMesh of the run; None where there is no process group."""
     if mesh.world == 1 or not dist.is_initialized():
         return None
     from torch.distributed.device_mesh import init_device_mesh
 
     device_type = "cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
-    return init_device_mesh(device_type, (mesh.dp, mesh.pp), mesh_dim_names=("dp", "pp"))
+    return init_device_mesh(device_type, (mesh.dp, mesh.pp, mesh.tp), mesh_dim_names=("dp", "pp", "tp"))
 
 
 def process_groups(mesh: Mesh, named):
@@ -138,29 +149,59 @@ def split_model(parts: list[Part], starts: list[int]) -> list[Stage]:
 
 
 # ----------------------------------------------------------------------------- layouts
-class DataParallel:
-    """One stage holding the whole model; DDP over all ranks when there is more than one."""
+def _place(layout, mesh: Mesh) -> None:
+    """What the loop asks of every layout about this rank's place, once its modules are set."""
+    layout.writes_part = mesh.dp_index == 0 and mesh.tp_index == 0  # one writer per stage
+    layout.reports = layout.holds_output and mesh.tp_index == 0  # tensor-parallel ranks share one output
+    layout.sharded = dist.is_initialized() and any(
+        isinstance(p, DTensor) for module in layout.local for p in module.parameters())
+    # what the optimizer's state is keyed against (by parameter name) where it is gathered
+    layout.root = layout.local[0] if len(layout.local) == 1 else nn.ModuleList(layout.local)
 
-    def __init__(self, model: nn.Module, mesh: Mesh, dp_group, device: torch.device, loss_fn, autocast):
-        self.mesh, self.loss_fn, self.autocast = mesh, loss_fn, autocast
+
+class DataParallel:
+    """The whole model (or its tensor-parallel shard) on every rank. Gradients are averaged over the dp ranks
+    by DDP, or by hand with tensor-parallel shards, which DDP does not take. With grad_accumulation k, a
+    batch runs as k microbatches and gradients are averaged over the ranks once, after the last."""
+    collective_forward = False
+
+    def __init__(self, model: nn.Module, mesh: Mesh, dp_group, device: torch.device, loss_fn, precision,
+                 accumulation: int = 1):
+        self.mesh, self.loss_fn, self.precision, self.accumulation = mesh, loss_fn, precision, accumulation
         self.local, self.stage_ids, self.pp_group = [model], [0], None
-        self.writes_part = mesh.dp_index == 0
         self.holds_output = True
         self.model = self.eval_model = model  # evaluating the bare module: no gradient sync to set up
-        if dp_group is not None:
+        self.average_over = None
+        if dp_group is not None and mesh.tp > 1:
+            self.average_over = dp_group
+        elif dp_group is not None:
             self.model = DistributedDataParallel(
                 model, process_group=dp_group, device_ids=[device] if device.type == "cuda" else None,
                 broadcast_buffers=False)
+        self.collective_forward = mesh.tp > 1 and dist.is_initialized()
+        _place(self, mesh)
 
     def train_step(self, x, y) -> torch.Tensor:
-        with self.autocast():
-            loss = self.loss_fn(self.model(x), y)
-        loss.backward()
-        return loss.detach()
+        k, total = self.accumulation, 0.0
+        for i, (xs, ys) in enumerate(zip(x.chunk(k), y.chunk(k))):
+            with self._sync(last=i == k - 1):
+                with self.precision.autocast():
+                    loss = self.loss_fn(self.model(xs), ys)
+                # each microbatch's loss is its mean: their mean is the whole batch's
+                self.precision.scale(loss / k if k > 1 else loss).backward()
+            total = total + loss.detach()
+        if self.average_over is not None:
+            average_gradients(parameters(self), self.average_over)
+        return total / k if k > 1 else total
+
+    def _sync(self, last: bool):
+        if not last and isinstance(self.model, DistributedDataParallel):
+            return self.model.no_sync()
+        return nullcontext()
 
     @torch.no_grad()
     def forward(self, x, y) -> torch.Tensor:
-        with self.autocast():
+        with self.precision.autocast():
             return self.eval_model(x)
 
 
@@ -168,48 +209,68 @@ class ShardedDataParallel(DataParallel):
     """FSDP2: each block's parameters (and the rest, at the root) sharded over the dp ranks; a forward
     all-gathers a block's parameters just before it runs, and backward reduce-scatters its gradients, averaged
     over the ranks as DDP's are. Every rank must run every forward: evaluation keeps the ranks in step."""
-    collective_forward = True
 
     def __init__(self, model: nn.Module, parts: list[Part] | None, mesh: Mesh, named_mesh, device: torch.device,
-                 loss_fn, autocast):
-        from torch.distributed.fsdp import fully_shard
-
-        super().__init__(model, mesh, None, device, loss_fn, autocast)  # no DDP: the model is sharded in place
-        self.dp_group = named_mesh["dp"].get_group() if named_mesh is not None else None
+                 loss_fn, precision, accumulation: int = 1):
+        super().__init__(model, mesh, None, device, loss_fn, precision, accumulation)  # sharded in place, no DDP
+        self.collective_forward = dist.is_initialized()
         if named_mesh is not None:
-            for part in parts or []:
-                if part.block:
-                    fully_shard(next(iter(part.modules.values())), mesh=named_mesh["dp"])
-            fully_shard(model, mesh=named_mesh["dp"])
+            shard(parts, model, named_mesh["dp"], precision)
+        _place(self, mesh)
+
+    def _sync(self, last: bool):
+        if self.accumulation > 1 and isinstance(self.model, FSDPModule):
+            self.model.set_requires_gradient_sync(last)  # no reduce-scatter until the last microbatch
+        return nullcontext()
+
+
+def shard(parts: list[Part] | None, root: nn.Module, dp_mesh, precision) -> None:
+    """FSDP2 units, torchtitan's way: each block, then the rest at `root`. Below fp32, parameters are
+    all-gathered in the training precision and gradients reduced in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    options = {"mesh": dp_mesh}
+    if precision.name != "fp32":
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=precision.dtype, reduce_dtype=torch.float32)
+    for part in parts or []:
+        if part.block:
+            fully_shard(next(iter(part.modules.values())), **options)
+    fully_shard(root, **options)
 
 
 class Pipeline:
-    """This rank's stage(s) of the model, each wrapped in DDP over its dp group, driven by a torch schedule."""
+    """This rank's stage(s) of the model, driven by a torch schedule; over the dp ranks each stage is
+    sharded (FSDP2) or its gradients averaged after the schedule's step."""
 
-    def __init__(self, parts: list[Part], mesh: Mesh, dp_group, pp_group, device: torch.device, loss_fn, autocast,
-                 pipeline_spec):
+    def __init__(self, parts: list[Part], mesh: Mesh, named_mesh, device: torch.device, loss_fn, precision,
+                 pipeline_spec, data_mode: str = "ddp"):
         from torch.distributed import pipelining
 
-        self.mesh, self.loss_fn, self.autocast = mesh, loss_fn, autocast
-        self.pp_group = pp_group
-        self.batch = 0
+        self.mesh, self.loss_fn, self.precision = mesh, loss_fn, precision
+        dp_group, self.pp_group = process_groups(mesh, named_mesh)
+        self.sample = None  # a training sample's input and target: what short evaluation batches are padded with
         virtual = pipeline_spec.virtual_stages if pipeline_spec.schedule == "interleaved_1f1b" else 1
         total = mesh.pp * virtual
-        stages = split_model(parts, stage_starts(parts, total, pipeline_spec.split_points))
+        starts = stage_starts(parts, total, pipeline_spec.split_points)
+        ends = [*starts[1:], len(parts)]
         # interleaved: rank r holds stages r, r + pp, r + 2 pp, ... (torch's convention)
         self.stage_ids = list(range(mesh.pp_index, total, mesh.pp))
-        self.local = [stages[i].to(device) for i in self.stage_ids]
-        self.writes_part = mesh.dp_index == 0
+        self.local = [Stage(parts[starts[i]:ends[i]]).to(device) for i in self.stage_ids]
+        sharded = data_mode == "fsdp" and named_mesh is not None
+        if sharded:  # torch's stages drive FSDP themselves: gradients reduce-scatter after the last microbatch
+            for i, stage in zip(self.stage_ids, self.local):
+                shard(parts[starts[i]:ends[i]], stage, named_mesh["dp"], precision)
         self.holds_output = (total - 1) in self.stage_ids
         self.holds_input = 0 in self.stage_ids
-        # Gradients are averaged over the dp group after the schedule step (see train_step), not by DDP:
-        # DDP's reducer, under the schedule's per-microbatch no_sync, rebuilt its buckets wrongly in
+        self.collective_forward = sharded or mesh.tp > 1
+        # Unsharded, gradients are averaged over the dp group after the schedule step (see train_step), not by
+        # DDP: DDP's reducer, under the schedule's per-microbatch no_sync, rebuilt its buckets wrongly in
         # torch 2.13 (an internal assert, or silently unsynchronised replicas with static_graph).
-        self.dp_group = dp_group
+        self.dp_group = None if sharded else dp_group
         schedule_cls = getattr(pipelining, SCHEDULES[pipeline_spec.schedule])
 
         def schedule():
-            stages = [pipelining.PipelineStage(s, i, total, device, group=pp_group)
+            stages = [pipelining.PipelineStage(s, i, total, device, group=self.pp_group)
                       for s, i in zip(self.local, self.stage_ids)]
             return schedule_cls(stages if virtual > 1 else stages[0], n_microbatches=pipeline_spec.microbatches,
                                 loss_fn=self._microbatch_loss, scale_grads=True)
@@ -221,40 +282,48 @@ class Pipeline:
         # between eval() and step() redoes its set-up (P2P warm-up, shape inference through every stage) on
         # each switch, which cost the first training step of every epoch 0.3-0.6 s here.
         self.eval_schedule = schedule()
+        _place(self, mesh)
 
     def _microbatch_loss(self, outputs, targets):
-        return self.loss_fn(outputs, targets)
+        return self.precision.scale(self.loss_fn(outputs, targets))
 
     def _args(self, x, y) -> tuple[tuple, dict]:
         kwargs = {"target": y, "losses": []} if self.holds_output else {}
         return ((x,) if self.holds_input else ()), kwargs
 
     def train_step(self, x, y) -> torch.Tensor | None:
-        self.batch = len(x)
+        if self.sample is None:
+            self.sample = (x[:1].detach(), y[:1].detach(), len(x))
         args, kwargs = self._args(x, y)
-        with self.autocast():
+        with self.precision.autocast():
             self.schedule.step(*args, **kwargs)
         if self.dp_group is not None:
             average_gradients(parameters(self), self.dp_group)
         if self.holds_output:
-            return torch.stack([loss.detach().float() for loss in kwargs["losses"]]).mean()
+            losses = torch.stack([loss.detach().float() for loss in kwargs["losses"]]).mean()
+            return self.precision.unscaled(losses)
         return None
 
     @torch.no_grad()
     def forward(self, x, y) -> torch.Tensor | None:
-        """The stages were shaped by the training batch: pad a short evaluation batch up to it."""
+        """The stages were shaped by the training batch: pad a short evaluation batch up to it (an empty one,
+        which a sharded stage runs to keep its dp peers in step, with a training sample)."""
         n = len(x)
-        if n < self.batch:
-            x, y = (torch.cat([t, t[:1].expand(self.batch - n, *t.shape[1:])]) for t in (x, y))
+        batch = self.sample[2] if self.sample is not None else n
+        if n == 0:
+            x, y = (t.expand(batch, *t.shape[1:]) for t in self.sample[:2])
+        elif n < batch:
+            x, y = (torch.cat([t, t[:1].expand(batch - n, *t.shape[1:])]) for t in (x, y))
         args, kwargs = self._args(x, y)
-        with self.autocast():
+        with self.precision.autocast():
             out = self.eval_schedule.eval(*args, **kwargs)
         return out[:n] if self.holds_output else None
 
 
 def average_gradients(params: list[nn.Parameter], group) -> None:
-    """One all-reduce of all gradients, flattened, then divided by the group size."""
-    grads = [p.grad for p in params if p.grad is not None]
+    """One all-reduce of all gradients (this rank's shards of tensor-parallel ones), flattened, then divided by
+    the group size."""
+    grads = [local_part(p.grad) for p in params if p.grad is not None]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -266,22 +335,31 @@ def average_gradients(params: list[nn.Parameter], group) -> None:
         offset += g.numel()
 
 
-def parallelize(model: nn.Module, spec, env, loss_fn, autocast):
-    mesh = Mesh(spec.parallelism.data, spec.parallelism.pipeline.stages, env.rank)
+def parallelize(model: nn.Module, spec, env, loss_fn, precision):
+    """torchtitan's order: tensor parallelism, activation checkpointing and compilation per block, then the
+    data-parallel or pipeline layout around them."""
+    p, t = spec.parallelism, spec.train
+    mesh = Mesh(p.data, p.pipeline.stages, env.rank, p.tensor)
     named = device_mesh(mesh) if env.distributed else None
-    dp_group, pp_group = process_groups(mesh, named)
     blocks_name = getattr(spec.model, "blocks", None)
-    if spec.train.compile == "blocks":
+    if mesh.tp > 1 and named is not None:
+        from raybig.train.tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, named["tp"])
+    if t.activation_checkpointing != "none":
+        checkpoint_blocks(model_parts(model, blocks_name), t.activation_checkpointing)
+    if t.compile == "blocks":
         compile_blocks(model_parts(model, blocks_name))
-    if spec.parallelism.data_mode == "fsdp":
+    if mesh.pp > 1:
+        layout = Pipeline(model_parts(model, blocks_name), mesh, named, env.device, loss_fn, precision, p.pipeline,
+                          p.data_mode)
+    elif p.data_mode == "fsdp":
         layout = ShardedDataParallel(model, parts_or_none(model, blocks_name), mesh, named, env.device, loss_fn,
-                                     autocast)
-    elif mesh.pp == 1:
-        layout = DataParallel(model, mesh, dp_group, env.device, loss_fn, autocast)
+                                     precision, t.grad_accumulation)
     else:
-        layout = Pipeline(model_parts(model, blocks_name), mesh, dp_group, pp_group, env.device, loss_fn, autocast,
-                          spec.parallelism.pipeline)
-    if spec.train.compile == "model":
+        dp_group, _ = process_groups(mesh, named)
+        layout = DataParallel(model, mesh, dp_group, env.device, loss_fn, precision, t.grad_accumulation)
+    if t.compile == "model":
         for module in layout.local:
             module.compile()  # in place: parameter names, DDP's hold on the module and checkpoints are unchanged
     return layout
@@ -306,18 +384,24 @@ def compile_blocks(parts: list[Part]) -> None:
 def state_dict(layout) -> dict[str, torch.Tensor]:
     """This rank's checkpointed tensors under the full model's names: everything but the frozen base model
     under LoRA adapters, which the model's builder makes again from its seed or directory.
-    Sharded parameters are gathered whole onto the first rank (a collective: every rank calls this)."""
+    Sharded parameters are gathered whole (a collective: every rank calls this) onto the first rank, or with
+    stages onto every rank of the stage, whose first writes it."""
     out = {}
     for module in layout.local:
-        state = _full_state(module) if _sharded(layout) else module.state_dict()
+        state = _full_state(module, _offload(layout)) if layout.sharded else module.state_dict()
         out.update({k: state[k] for k in checkpointed_keys(module) if k in state})
     return out
 
 
-def _full_state(module: nn.Module) -> dict[str, torch.Tensor]:
+def _offload(layout) -> bool:
+    """torch gathers to the CPU for global rank 0 alone; with stages, each stage's writer needs its part."""
+    return layout.mesh.pp == 1
+
+
+def _full_state(module: nn.Module, offload: bool) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
 
 
 def checkpointed_keys(module: nn.Module) -> list[str]:
@@ -329,35 +413,31 @@ def checkpointed_keys(module: nn.Module) -> list[str]:
     return [k for k in module.state_dict() if k not in frozen]
 
 
-def _sharded(layout) -> bool:
-    return isinstance(layout, ShardedDataParallel) and dist.is_initialized()
-
-
 def full_optimizer_state(layout, optimizer) -> dict:
     """The optimizer's state as this rank checkpoints it; a sharded one gathered whole (keyed by parameter
-    name) onto the first rank, so a resumed FSDP run goes on with it (a collective: every rank calls this)."""
-    if not _sharded(layout):
+    name) as the weights are, so a resumed run goes on with it (a collective: every rank calls this)."""
+    if not layout.sharded:
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    return get_optimizer_state_dict(layout.model, optimizer,
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_optimizer_state_dict(layout.root, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=_offload(layout)))
 
 
 def load_optimizer_state(layout, optimizer, state: dict) -> None:
-    if not _sharded(layout):
+    if not layout.sharded:
         optimizer.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(layout.model, optimizer, optim_state_dict=state,
+    set_optimizer_state_dict(layout.root, optimizer, optim_state_dict=state,
                              options=StateDictOptions(full_state_dict=True))
 
 
 def load_state(layout, full_state: dict[str, torch.Tensor]) -> None:
     for module in layout.local:
         wanted = {k: full_state[k] for k in checkpointed_keys(module)}
-        if _sharded(layout):
+        if layout.sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
             # every rank read the whole checkpoint; each keeps its shard of it
@@ -371,26 +451,41 @@ def parameters(layout) -> list[nn.Parameter]:
     return [p for module in layout.local for p in module.parameters() if p.requires_grad]
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
     """A DTensor's shard on this rank; any other tensor as it is."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def local_numel(param: torch.Tensor) -> int:
-    """The elements of `param` this rank holds: its shard under FSDP."""
-    return _local(param).numel()
+    """The elements of `param` this rank holds: its shard under FSDP or tensor parallelism."""
+    return local_part(param).numel()
+
+
+def squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The squared norm of the whole of `tensors`, some of which may be shards (DTensors): each rank's sum of
+    squares, summed over the mesh dimensions a tensor is sharded along (one all-reduce per group of tensors
+    sharded alike); replicated and plain tensors are counted once."""
+    groups: dict[tuple, torch.Tensor] = {}
+    for t in tensors:
+        # not is_shard(): FSDP2 over tensor-parallel shards splits them as _StridedShard, which is not one
+        over = tuple(t.device_mesh.get_group(d) for d, placement in enumerate(t.placements)
+                     if not placement.is_replicate()) if isinstance(t, DTensor) else ()
+        groups[over] = groups.get(over, 0) + local_part(t).detach().float().pow(2).sum()
+    total = torch.zeros(())
+    for over, sq in groups.items():
+        for group in over:
+            dist.all_reduce(sq, group=group)
+        total = total.to(sq.device) + sq
+    return total
 
 
 def clip_grad_norm(layout, max_norm: float) -> None:
-    """Clip by the norm over the whole model: with stages, each rank adds its part of the squared norm."""
+    """Clip by the norm over the whole model: shards add up across their ranks, stages across the pipeline."""
     params = [p for p in parameters(layout) if p.grad is not None]
-    local = [_local(p.grad).detach().float().pow(2).sum() for p in params]
-    squared = torch.stack(local).sum() if local else torch.zeros(())
+    squared = squared_norm([p.grad for p in params])
     if layout.pp_group is not None:
         dist.all_reduce(squared, group=layout.pp_group)
-    if isinstance(layout, ShardedDataParallel) and layout.dp_group is not None:
-        dist.all_reduce(squared, group=layout.dp_group)  # each rank holds a shard of every gradient
     # clamped, not compared with 1 in Python: the comparison would wait for the device every step
     scale = (max_norm / (squared.sqrt() + 1e-6)).clamp(max=1.0)
     for p in params:
-        _local(p.grad).mul_(scale.to(p.grad.dtype))
+        local_part(p.grad).mul_(scale.to(p.grad.dtype))

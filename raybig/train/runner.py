@@ -72,6 +72,7 @@ def check_plan(spec: JobSpec, meta: DataMeta, cpus: float | None) -> list[str]:
             check_output(model, spec.model, meta)
         if pipe.stages > 1:
             problems += _stage_problems(spec, model, meta)
+        problems += _layer_problems(spec, model)
         if spec.init_from is not None:
             from raybig.train.finetune import check_init
 
@@ -92,6 +93,23 @@ def check_plan(spec: JobSpec, meta: DataMeta, cpus: float | None) -> list[str]:
     if problems:
         raise SpecError(problems)
     return notes
+
+
+def _layer_problems(spec: JobSpec, model) -> list[tuple[str, str]]:
+    """Tensor parallelism needs the model's plan, dividing its layers; activation checkpointing, its blocks."""
+    from raybig.models.parts import NoParts, model_parts
+    from raybig.train.tensor_parallel import tensor_problems
+
+    out = []
+    if spec.parallelism.tensor > 1:
+        out += [("parallelism.tensor", problem) for problem in tensor_problems(model, spec.parallelism.tensor)]
+    if spec.train.activation_checkpointing != "none":
+        try:
+            model_parts(model, getattr(spec.model, "blocks", None))
+        except NoParts as err:
+            out.append(("train.activation_checkpointing", f"it checkpoints blocks, and the {spec.model.kind} model "
+                        f"has none: {err}"))
+    return out
 
 
 def _stage_problems(spec: JobSpec, model, meta: DataMeta) -> list[tuple[str, str]]:
