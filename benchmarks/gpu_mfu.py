@@ -150,7 +150,7 @@ def main() -> None:
                         if peak else None
                     ratio = f"{fig['samples_per_s'] / reference['samples_per_s']:>8.2f}" if fig is mine else " " * 8
                     print(f"{size:<6} {reference['params'] / 1e6:>7.1f}M {label:<22} {fig['samples_per_s']:>10.1f} "
-                          f"{tokens:>10.0f} {f'{mfu:.3f}' if mfu else '-':>6} {fig['peak_mb']:>9.0f} {ratio}",
+                          f"{tokens:>10.0f} {f'{mfu:.3f}' if mfu else '-':>6} {'-' if fig['peak_mb'] != fig['peak_mb'] else round(fig['peak_mb']):>9} {ratio}",
                           flush=True)
     finally:
         ray.shutdown()

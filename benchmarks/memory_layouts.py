@@ -4,8 +4,8 @@ over 2 ranks (gloo on CPU), and one process for reference.
 Each layout is raybig's own (`parallelize`, the optimizer it builds) taking a few AdamW steps of a
 parameter-dominated char transformer (wide, short sequences). Per rank it counts what the model's state
 costs exactly, parameters + gradients + optimizer state as this rank holds them (its shard, stage or slice),
-and the peak resident memory the process grew by from before the model was built (allocator and activations
-included, so noisier). Prints each layout's figures and its ratio to ddp's.
+and the peak resident memory the process grew by from before the model was built (activations, communication
+buffers and the whole model each rank builds before sharding it included, so noisier). Prints each layout's figures and its ratio to ddp's.
 
     python benchmarks/memory_layouts.py [--dim 512] [--layers 4] [--seq 16] [--batch 8]
 """
@@ -108,6 +108,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--layouts", nargs="*", default=list(LAYOUTS), help="which of: " + ", ".join(LAYOUTS))
     args = parser.parse_args()
+    # glibc keeps freed blocks for reuse (and per-thread arenas for gloo's threads), so resident memory would
+    # track the most ever allocated, not what is live: the ranks (spawned, so they read this) return large
+    # blocks to the system at once
+    os.environ.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     print(f"char transformer dim {args.dim}, {args.layers} layers, seq {args.seq}, global batch {args.batch}, "
           f"AdamW, fp32, {args.steps} steps; per rank, the largest rank's figures (MB)")
     print(f"{'layout':<20} {'ranks':>5} {'params':>8} {'grads':>8} {'optim':>8} {'state':>8} {'x ddp':>6} "

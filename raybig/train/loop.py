@@ -174,8 +174,9 @@ def fit(spec, meta, env: WorkerEnv, store: RunStore) -> list[dict]:
     checkpoint taken mid-epoch resumes at the very next batch, with the step losses not yet recorded."""
     t, reg = spec.train, spec.train.regularization
     # Every rank builds the whole model from the same seed and keeps its part: identical initial
-    # weights in every layout, which is what lets a pipeline run reproduce a single-process one.
-    model = build_model(spec.model, meta, dropout=reg.dropout, seed=t.seed).to(env.device)
+    # weights in every layout, which is what lets a pipeline run reproduce a single-process one. It is built
+    # in host memory: the layout moves only this rank's stage, shard or slice to the device.
+    model = build_model(spec.model, meta, dropout=reg.dropout, seed=t.seed)
     latest = store.latest()
     # fine-tuning: the source's weights (a fresh start only), frozen parts; before the model is split or wrapped
     pretrained = start_from(model, spec, resuming=latest is not None) if spec.init_from else set()

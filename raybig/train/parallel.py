@@ -215,7 +215,9 @@ class ShardedDataParallel(DataParallel):
         super().__init__(model, mesh, None, device, loss_fn, precision, accumulation)  # sharded in place, no DDP
         self.collective_forward = dist.is_initialized()
         if named_mesh is not None:
-            shard(parts, model, named_mesh["dp"], precision)
+            shard(parts, model, named_mesh["dp"], precision)  # fully_shard moves each shard to the mesh's device
+        else:
+            model.to(device)
         _place(self, mesh)
 
     def _sync(self, last: bool):
@@ -358,7 +360,8 @@ def parallelize(model: nn.Module, spec, env, loss_fn, precision):
                                      precision, t.grad_accumulation)
     else:
         dp_group, _ = process_groups(mesh, named)
-        layout = DataParallel(model, mesh, dp_group, env.device, loss_fn, precision, t.grad_accumulation)
+        layout = DataParallel(model.to(env.device), mesh, dp_group, env.device, loss_fn, precision,
+                              t.grad_accumulation)
     if t.compile == "model":
         for module in layout.local:
             module.compile()  # in place: parameter names, DDP's hold on the module and checkpoints are unchanged
