@@ -87,6 +87,7 @@ def _delete_dir(fs: pafs.FileSystem, remote: str) -> None:
 # ----------------------------------------------------------------------------- a run in an object store
 class SyncedRunStore(RunStore):
     """A RunStore whose home is an object-store URI: written in a local copy, uploaded write by write."""
+    writes_shards = False  # each rank's copy is its own: a sharded model is gathered to be written
 
     def __init__(self, uri: str):
         self.uri = uri
@@ -152,7 +153,7 @@ class SyncedRunStore(RunStore):
                 _delete_dir(self.fs, f"{self.remote}/checkpoints/{old}")
         return final
 
-    def publish_model(self, model_state: dict, info: dict) -> None:
+    def publish_model(self, model_state: dict | Path, info: dict) -> None:
         super().publish_model(model_state, info)
         self._upload(self.root / "model.safetensors", self.root / "model.json")
 

@@ -1,9 +1,12 @@
 """Tensor parallelism, FSDP x pipeline, and the memory levers (gradient accumulation, activation
 checkpointing, fp16 loss scaling): each reproduces the one-process run, as every layout must
 (tests/test_pipeline.py for data and pipeline)."""
+import json
+
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from multiproc import run_local
@@ -68,6 +71,13 @@ def test_a_tensor2_run_resumes_as_it_was_and_under_one_process(tmp_path, single)
     import shutil
 
     run_local(lm_job(tmp_path, "tp", {"tensor": 2}), tmp_path / "tp")
+    # each rank wrote its shards (torch.distributed.checkpoint), consolidated into the one layout-free file
+    checkpoint = RunStore(tmp_path / "tp").latest()
+    files = json.loads((checkpoint / "manifest.json").read_text())
+    assert len([f for f in files if f.startswith("optimizer/") and f.endswith(".distcp")]) == 2
+    assert not [f for f in files if f.startswith("part-") and f.endswith(".safetensors")]
+    with safe_open(tmp_path / "tp" / "model.safetensors", "pt") as published:
+        assert published.metadata() == {"format": "pt"}  # what transformers reads
     shutil.copytree(tmp_path / "tp", tmp_path / "one")
     run_local(lm_job(tmp_path, "tp", {"tensor": 2}, epochs=2), tmp_path / "tp")
     run_local(lm_job(tmp_path, "one", epochs=2), tmp_path / "one")

@@ -6,7 +6,9 @@
       model.json                the model's kind, data shape/classes/vocab, epoch and metrics
       metrics.json              one record per finished epoch
       checkpoints/epoch-0003/   model.safetensors (merged) and its model.json, part-K.safetensors and
-                                part-K-trainer.pt per pipeline rank K, meta.json, manifest.json
+                                part-K-trainer.pt per pipeline rank K, meta.json, manifest.json; a sharded
+                                layout's (fsdp, tensor): model.safetensors consolidated from every rank's
+                                shards, optimizer/ (each rank's shard of the optimizer state), part-K-trainer.pt
       checkpoints/epoch-0003+0000120/   the same, 120 batches into the 4th epoch (checkpoint.every_steps)
 
 Writes go to a temporary name first and are renamed into place, so a crash mid-write never
@@ -21,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import uuid
 from pathlib import Path
 
@@ -29,6 +32,8 @@ from safetensors.torch import load_file, save_file
 
 CHECKPOINT_PREFIX = "epoch-"
 MANIFEST = "manifest.json"
+SHARDS = "shards"  # where a sharded layout's ranks write their shards of the weights, in a pending checkpoint
+OPTIMIZER_SHARDS = "optimizer"
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -43,9 +48,10 @@ def _sha256(path: Path) -> str:
 
 
 def write_manifest(directory: Path) -> None:
-    """Every file of a checkpoint with its size and checksum, so damage done after it was written shows."""
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    """Every file of a checkpoint (its optimizer/ shards too) with its size and checksum, so damage done
+    after it was written shows."""
+    files = {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
     (directory / MANIFEST).write_text(json.dumps(files, indent=1))
 
 
@@ -84,7 +90,22 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _copy_with_metadata(source: Path, target: Path, metadata: dict[str, str]) -> None:
+    """A safetensors file copied with `metadata` in its header, streamed: its tensors are never loaded."""
+    with source.open("rb") as src:
+        header = json.loads(src.read(struct.unpack("<Q", src.read(8))[0]))
+        header["__metadata__"] = {**header.get("__metadata__", {}), **metadata}
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data that follows stays 8-byte aligned
+        with target.open("wb") as dst:
+            dst.write(struct.pack("<Q", len(text)) + text)
+            shutil.copyfileobj(src, dst, 16 * 2**20)
+
+
 class RunStore:
+    # every rank of a run writes into this same directory (SyncedRunStore's ranks each have a local copy)
+    writes_shards = True
+
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.checkpoints = self.root / "checkpoints"
@@ -143,21 +164,42 @@ class RunStore:
         path.mkdir(parents=True)
 
     @staticmethod
-    def write_part(pending: Path, part: int, model_state: dict, trainer_state: dict) -> None:
-        """One pipeline rank's weights (under the full model's names) and its optimizer state (None: not kept)."""
-        save_file(_contiguous(model_state), str(pending / f"part-{part}.safetensors"))
+    def write_shards(pending: Path, model_state: dict, optimizer_state: dict) -> None:
+        """Every rank's shards of a sharded model's weights and optimizer state (DTensors), with
+        torch.distributed.checkpoint (a collective: every rank calls it); nothing is gathered. The weights go
+        through its safetensors writer, whose first rank then consolidates every rank's shards, of every
+        stage, into one file of whole tensors, writing them piece by piece rather than holding them."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+        dcp.save(model_state, storage_writer=HuggingFaceStorageWriter(
+            str(pending / SHARDS), save_distributed=True, enable_consolidation=True))
+        dcp.save({"optimizer": optimizer_state}, checkpoint_id=str(pending / OPTIMIZER_SHARDS))
+
+    @staticmethod
+    def write_part(pending: Path, part: int, model_state: dict | None, trainer_state: dict) -> None:
+        """One pipeline rank's weights (under the full model's names; None: written as shards) and its
+        optimizer state (None: not kept)."""
+        if model_state is not None:
+            save_file(_contiguous(model_state), str(pending / f"part-{part}.safetensors"))
         if trainer_state is not None:
             torch.save(trainer_state, pending / f"part-{part}-trainer.pt")
 
     def finish_checkpoint(self, pending: Path, meta: dict, info: dict, keep: int | None,
                           publish: dict | None = None) -> Path:
-        """Merge the parts into one full model, rename the checkpoint into place, publish the model (or
-        `publish`, when what is served is not what is checkpointed: a LoRA run's merged weights), and keep
-        the newest `keep` checkpoints (all of them when None: a sweep trial prunes once Tune has a copy)."""
-        model_state = {}
-        for part in sorted(pending.glob("part-*.safetensors")):
-            model_state.update(load_file(str(part)))
-        save_file(model_state, str(pending / "model.safetensors"))
+        """Merge the parts into one full model (a sharded layout's ranks wrote it consolidated), rename the
+        checkpoint into place, publish the model (or `publish`, when what is served is not what is
+        checkpointed: a LoRA run's merged weights), and keep the newest `keep` checkpoints (all of them when
+        None: a sweep trial prunes once Tune has a copy)."""
+        consolidated = sorted((pending / SHARDS).glob("*.safetensors"))
+        if consolidated:
+            os.replace(consolidated[0], pending / "model.safetensors")
+            shutil.rmtree(pending / SHARDS)  # the per-rank shards it was made of
+        else:
+            model_state = {}
+            for part in sorted(pending.glob("part-*.safetensors")):
+                model_state.update(load_file(str(part)))
+            save_file(model_state, str(pending / "model.safetensors"))
         (pending / "model.json").write_text(json.dumps(info, indent=1))  # a checkpoint can be published alone
         (pending / "meta.json").write_text(json.dumps(meta, indent=1))
         write_manifest(pending)
@@ -167,7 +209,7 @@ class RunStore:
         os.rename(pending, final)
         if keep is not None:
             self.prune(keep)
-        self.publish_model(model_state if publish is None else publish, info)
+        self.publish_model(final / "model.safetensors" if publish is None else publish, info)
         return final
 
     def prune(self, keep: int, through_epoch: int | None = None) -> None:
@@ -185,7 +227,7 @@ class RunStore:
         shutil.copytree(checkpoint, target)
         self.write_history(meta["history"])
         info = json.loads((target / "model.json").read_text())
-        self.publish_model(load_file(str(target / "model.safetensors")), {**info, "name": name})
+        self.publish_model(target / "model.safetensors", {**info, "name": name})
         return meta
 
     @staticmethod
@@ -198,11 +240,15 @@ class RunStore:
         return model_state, trainer_state, meta
 
     # -- the published model and run records
-    def publish_model(self, model_state: dict, info: dict) -> None:
+    def publish_model(self, model_state: dict | Path, info: dict) -> None:
+        """The run's current model: weights, or a safetensors file of them (copied, not loaded)."""
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".model.{uuid.uuid4().hex[:8]}.tmp"
         # "format": what transformers reads to tell a PyTorch checkpoint, so hf/ can take this file as it is
-        save_file(_contiguous(model_state), str(tmp), metadata={"format": "pt"})
+        if isinstance(model_state, Path):
+            _copy_with_metadata(model_state, tmp, {"format": "pt"})
+        else:
+            save_file(_contiguous(model_state), str(tmp), metadata={"format": "pt"})
         os.replace(tmp, self.root / "model.safetensors")
         _atomic_write_text(self.root / "model.json", json.dumps(info, indent=1))
 

@@ -18,14 +18,15 @@ import torch.nn.functional as F
 from raybig.data.chat import DEFAULT_CHAT_TEMPLATE
 from raybig.data.documents import IGNORE
 from raybig.models import build_model
-from raybig.train.checkpoint import RunStore
+from raybig.train.checkpoint import OPTIMIZER_SHARDS, RunStore
 from raybig.train.distill import Teacher, distilling
 from raybig.train.finetune import keep_zeros, parameter_groups, start_from, zero_masks
 from raybig.train.metrics import confusion, from_confusion
 from raybig.train.optim import (add_penalty_gradients, apply_spec_hyperparameters, build_optimizer, build_scheduler,
                                 penalized_weights)
-from raybig.train.parallel import (clip_grad_norm, full_optimizer_state, load_optimizer_state, load_state, local_numel,
-                                   parallelize, parameters, state_dict)
+from raybig.train.parallel import (clip_grad_norm, full_optimizer_state, load_optimizer_state,
+                                   load_sharded_optimizer_state, load_state, local_numel, parallelize, parameters,
+                                   sharded_optimizer_state, sharded_state, state_dict)
 from raybig.train.precision import Precision
 
 
@@ -198,7 +199,10 @@ def fit(spec, meta, env: WorkerEnv, store: RunStore) -> list[dict]:
         load_state(layout, model_state)
         same_optimizer = ckpt_meta.get("optimizer", t.optimizer.name) == t.optimizer.name
         if trainer_state is not None and ckpt_meta.get("layout") == _layout_key(spec) and same_optimizer:
-            load_optimizer_state(layout, optimizer, trainer_state["optimizer"])
+            if trainer_state["optimizer"] is None:  # written as shards
+                load_sharded_optimizer_state(layout, optimizer, latest / OPTIMIZER_SHARDS)
+            else:
+                load_optimizer_state(layout, optimizer, trainer_state["optimizer"])
             scheduler.load_state_dict(trainer_state["scheduler"])
             if "precision" in trainer_state:
                 precision.load_state_dict(trainer_state["precision"])
@@ -384,7 +388,11 @@ def _checkpoint(spec, meta, store: RunStore, layout, trainer: dict, position, st
         store.clear(pending)
     _barrier(env)
     # every rank: gathering a sharded model's (and optimizer's) state is a collective
-    state, optimizer_state = state_dict(layout), full_optimizer_state(layout, trainer["optimizer"])
+    if layout.sharded and store.writes_shards:  # each rank writes its shards: nothing is gathered
+        store.write_shards(pending, sharded_state(layout), sharded_optimizer_state(layout, trainer["optimizer"]))
+        state = optimizer_state = None  # in the shards
+    else:
+        state, optimizer_state = state_dict(layout), full_optimizer_state(layout, trainer["optimizer"])
     unrecorded = losses.averaged(env, spec.parallelism.data)
     if layout.writes_part:
         store.write_part(pending, layout.mesh.pp_index, state,

@@ -396,6 +396,33 @@ def state_dict(layout) -> dict[str, torch.Tensor]:
     return out
 
 
+def sharded_state(layout) -> dict[str, torch.Tensor]:
+    """This rank's shards (DTensors) of the checkpointed tensors, and the tensors it holds whole, under the
+    full model's names: what torch.distributed.checkpoint writes without gathering anything."""
+    out = {}
+    for module in layout.local:
+        state = module.state_dict()
+        out.update({k: state[k] for k in checkpointed_keys(module) if k in state})
+    return out
+
+
+def sharded_optimizer_state(layout, optimizer) -> dict:
+    """This rank's shards of the optimizer state, keyed by parameter name."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(layout.root, optimizer)
+
+
+def load_sharded_optimizer_state(layout, optimizer, directory) -> None:
+    """The optimizer state from its shards in `directory`, resharded to this layout (a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    state = {"optimizer": sharded_optimizer_state(layout, optimizer)}  # the shapes to read into
+    dcp.load(state, checkpoint_id=str(directory))
+    set_optimizer_state_dict(layout.root, optimizer, optim_state_dict=state["optimizer"])
+
+
 def _offload(layout) -> bool:
     """torch gathers to the CPU for global rank 0 alone; with stages, each stage's writer needs its part."""
     return layout.mesh.pp == 1
