@@ -88,6 +88,18 @@ def test_a_tensor2_run_resumes_as_it_was_and_under_one_process(tmp_path, single)
     assert [r["epoch"] for r in history] == [1, 2] and history[1]["train_loss"] < history[0]["train_loss"]
 
 
+def test_a_pipeline2_checkpoint_resumes_under_fsdp2(tmp_path):
+    """The weights are layout-free: a pipeline run goes on sharded (its optimizer state, per stage, afresh)."""
+    pipeline = {"pipeline": {"stages": 2, "microbatches": 2, "schedule": "1f1b"}}
+    run_local(lm_job(tmp_path, "pp", pipeline), tmp_path / "pp")
+    run_local(lm_job(tmp_path, "pp", {"data": 2, "data_mode": "fsdp"}, epochs=2), tmp_path / "pp")
+    first, second = RunStore(tmp_path / "pp").history()
+    assert (first["epoch"], second["epoch"]) == (1, 2) and first["attempt"] != second["attempt"]
+    # it started where the pipeline run ended, not from a fresh model
+    assert second["step_losses"][0] < first["step_losses"][0] - 0.5
+    assert second["step_losses"][0] == pytest.approx(first["step_losses"][-1], abs=0.3)
+
+
 @pytest.mark.parametrize("parallelism", [
     {"data": 2, "tensor": 2}, {"data": 2, "data_mode": "fsdp", "tensor": 2},
     {"pipeline": {"stages": 2, "microbatches": 2, "schedule": "gpipe"}, "tensor": 2}],
