@@ -179,6 +179,22 @@ def test_activation_checkpointing_full_keeps_least_and_selective_recomputes_no_m
         torch.testing.assert_close(selective[3][name], grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("precision, parallelism", [("bf16", {"data": 2, "data_mode": "fsdp"}), ("fp16", {})],
+                         ids=["bf16 fsdp2", "fp16"])
+def test_lower_precision_trains_near_fp32(tmp_path, single, precision, parallelism):
+    """bf16 under FSDP2's mixed-precision policy (parameters gathered in bf16, gradients reduced in fp32), and
+    fp16 with its loss scale, checkpointed with the run."""
+    run_local(lm_job(tmp_path, "lp", parallelism, precision=precision), tmp_path / "lp")
+    losses, weights = losses_and_weights(tmp_path / "lp")
+    np.testing.assert_allclose(losses, single[0], rtol=3e-2)
+    assert not np.allclose(losses, single[0], rtol=1e-6)  # it did run in the lower precision
+    assert all(w.dtype == torch.float32 for w in weights.values())  # weights stay fp32
+    trainer = torch.load(RunStore(tmp_path / "lp").latest() / "part-0-trainer.pt", weights_only=True)
+    scale = trainer["precision"]
+    # halved once per overflowed (skipped) step; 8 steps are too few to grow it (every 2,000 clean steps)
+    assert scale["scale"] == 2.0 ** 16 / 2 ** scale["skipped"] and scale["skipped"] < 4
+
+
 def test_fp16_loss_scaling_skips_an_overflowed_step_and_halves_the_scale():
     from raybig.train.precision import Precision
 
