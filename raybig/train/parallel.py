@@ -168,7 +168,7 @@ class DataParallel:
     def __init__(self, model: nn.Module, mesh: Mesh, dp_group, device: torch.device, loss_fn, precision,
                  accumulation: int = 1):
         self.mesh, self.loss_fn, self.precision, self.accumulation = mesh, loss_fn, precision, accumulation
-        self.local, self.stage_ids, self.pp_group = [model], [0], None
+        self.device, self.local, self.stage_ids, self.pp_group = device, [model], [0], None
         self.holds_output = True
         self.model = self.eval_model = model  # evaluating the bare module: no gradient sync to set up
         self.average_over = None
@@ -248,7 +248,7 @@ class Pipeline:
                  pipeline_spec, data_mode: str = "ddp"):
         from torch.distributed import pipelining
 
-        self.mesh, self.loss_fn, self.precision = mesh, loss_fn, precision
+        self.mesh, self.loss_fn, self.precision, self.device = mesh, loss_fn, precision, device
         dp_group, self.pp_group = process_groups(mesh, named_mesh)
         self.sample = None  # a training sample's input and target: what short evaluation batches are padded with
         virtual = pipeline_spec.virtual_stages if pipeline_spec.schedule == "interleaved_1f1b" else 1
@@ -491,7 +491,7 @@ def local_numel(param: torch.Tensor) -> int:
     return local_part(param).numel()
 
 
-def squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+def squared_norm(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """The squared norm of the whole of `tensors`, some of which may be shards (DTensors): each rank's sum of
     squares, summed over the mesh dimensions a tensor is sharded along (one all-reduce per group of tensors
     sharded alike); replicated and plain tensors are counted once."""
@@ -501,18 +501,18 @@ def squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
         over = tuple(t.device_mesh.get_group(d) for d, placement in enumerate(t.placements)
                      if not placement.is_replicate()) if isinstance(t, DTensor) else ()
         groups[over] = groups.get(over, 0) + local_part(t).detach().float().pow(2).sum()
-    total = torch.zeros(())
+    total = torch.zeros((), device=device)  # where NCCL can reduce it, even for a rank with nothing to add
     for over, sq in groups.items():
         for group in over:
             dist.all_reduce(sq, group=group)
-        total = total.to(sq.device) + sq
+        total = total + sq
     return total
 
 
 def clip_grad_norm(layout, max_norm: float) -> None:
     """Clip by the norm over the whole model: shards add up across their ranks, stages across the pipeline."""
     params = [p for p in parameters(layout) if p.grad is not None]
-    squared = squared_norm([p.grad for p in params])
+    squared = squared_norm([p.grad for p in params], layout.device)
     if layout.pp_group is not None:
         dist.all_reduce(squared, group=layout.pp_group)
     # clamped, not compared with 1 in Python: the comparison would wait for the device every step
