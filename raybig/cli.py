@@ -238,6 +238,8 @@ def serve_runs(
     trust_code: bool = typer.Option(False, "--trust-code", help="Serve runs whose model is your own code (model "
                                     "kind python): their factory is imported and run in every replica."),
     tracking_uri: Optional[str] = TrackingUriOption,
+    profile_startup: bool = typer.Option(False, "--profile-startup", help="Print where start-up went (imports, Ray, "
+                                         "Serve and its replicas, the first request) and, at the end, teardown."),
 ):
     """Serve trained runs over HTTP until Ctrl-C: POST /v1/models/NAME/predict, GET /v1/models, /docs. A
     registered version serves by models:/NAME@ALIAS or models:/NAME/VERSION (as NAME, version vN)."""
@@ -245,6 +247,7 @@ def serve_runs(
     import time
 
     from raybig.cluster import ray_session
+    from raybig.phases import Phases
     from raybig.serve.app import ServeStartFailed, direct_urls, entry_from_arg, start, stop
 
     from raybig.lifecycle.registry import served_arg, store_uri
@@ -255,6 +258,8 @@ def serve_runs(
     except SpecError as error:
         _fail(error)
     first = entries[0].serve
+    phases = Phases()
+    phases.mark("python, imports, runs")
     if export:
         from raybig.serve.export import export as write_export
 
@@ -263,8 +268,10 @@ def serve_runs(
             out.print(f"wrote {path}", highlight=False)
         return
     with ray_session(address, num_cpus):
+        phases.mark("Ray start or connect")
         try:
             url = start(entries, host or first.host, port or first.port)
+            phases.mark("Serve up: controller, proxy, replicas ready")
         except ServeStartFailed as error:
             err.print(f"[bold red]serve failed[/]: {error}", highlight=False)
             raise typer.Exit(1)
@@ -280,13 +287,36 @@ def serve_runs(
                 out.print(f"{e.name} {e.version}: POST {url}/v1/models/{e.name}/{route}", highlight=False)
             if direct:  # the same app without the proxy hop: several times the requests/s on a small machine
                 out.print(f"direct to a replica (fastest): {'  '.join(direct)}", highlight=False)
+            if profile_startup:
+                _first_request(f"{url}/v1/models", phases)
+                err.print(phases.table("where start-up went"))
             out.print(f"models: GET {url}/v1/models   docs: {url}/docs   (Ctrl-C stops)", highlight=False)
             while True:
                 time.sleep(1)
         except KeyboardInterrupt:
             err.print("shutting down")
         finally:
+            stopping = time.time()
             stop(on_cluster=bool(address))
+    if profile_startup:
+        err.print(f"teardown (Serve and Ray): {time.time() - stopping:.2f} s", highlight=False)
+
+
+def _first_request(url: str, phases) -> None:
+    """One request through the proxy, as a client's first would go (connection set-up included); any answer
+    counts (a server that wants a token answers 401)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=30):
+            pass
+    except urllib.error.HTTPError:
+        pass
+    except OSError as error:
+        err.print(f"[yellow]the first request got no answer[/]: {escape(str(error))}", highlight=False)
+        return
+    phases.mark("first request (GET /v1/models)")
 
 
 @app.command()
@@ -623,13 +653,20 @@ def submit(
     follow: bool = typer.Option(False, help="Stream the job's logs until it ends; exit 1 unless it succeeds."),
     trust_code: bool = typer.Option(False, "--trust-code", help="With --command serve: serve a model that is your "
                                     "own code (model.kind python); its factory runs in the serving replicas."),
+    profile_startup: bool = typer.Option(False, "--profile-startup", help="Print where the time went here "
+                                         "(connect, upload, submit; with --follow the job to its end); the job "
+                                         "prints its own phases in its logs."),
 ):
     """Run a job spec on a Ray cluster through Ray Job Submission."""
     from raybig.clusterspec import check_store
+    from raybig.phases import Phases
     from raybig.store_io import join
     from raybig.submit import submit as submit_job
 
+    phases = Phases() if profile_startup else None
     spec = _load(spec_path, set_)  # a bad spec fails here, before the cluster is contacted
+    if phases:
+        phases.mark("python, imports, spec")
     url, token, cluster = _target(cluster_file, address)
     where = store or (cluster.store if cluster else None)
     try:
@@ -643,15 +680,21 @@ def submit(
             raise SpecError(f"{spec.name} is a python model: serving it runs {spec.model.factory} in the cluster's "
                             "replicas; pass --trust-code if you trust that code", "--trust-code")
         job_id = submit_job(spec_path, spec.name, url, token, where, set_ or [], command,
-                            cluster.pip if cluster else None, trust_code)
+                            cluster.pip if cluster else None, trust_code, phases)
     except SpecError as error:
         _fail(error)
     out.print(f"[green]submitted[/]: {job_id} to {url} ({command}; model store {join(where, spec.name)})",
               highlight=False)
     target = f"--cluster {cluster_file}" if cluster_file else f"--address {url}"
     out.print(f"follow: raybig jobs logs {job_id} --follow {target}", highlight=False)
-    if follow:
-        jobs_logs(job_id, cluster_file, address, True)
+    try:
+        if follow:
+            jobs_logs(job_id, cluster_file, address, True)
+    finally:
+        if phases and follow:
+            phases.mark("the job on the cluster, to its end (its own phases are in its logs)")
+        if phases:
+            err.print(phases.table("where the time went (here)"))
 
 
 def _command_names() -> set[str]:

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pyarrow.fs as pafs
 
 from raybig.errors import SpecError
-from raybig.train.checkpoint import CHECKPOINT_PREFIX, RunStore
+from raybig.train.checkpoint import CHECKPOINT_PREFIX, OPTIMIZER_SHARDS, SHARDS, RunStore
 
 URI_SCHEMES = ("s3", "gs", "gcs", "file")
 
@@ -87,7 +87,6 @@ def _delete_dir(fs: pafs.FileSystem, remote: str) -> None:
 # ----------------------------------------------------------------------------- a run in an object store
 class SyncedRunStore(RunStore):
     """A RunStore whose home is an object-store URI: written in a local copy, uploaded write by write."""
-    writes_shards = False  # each rank's copy is its own: a sharded model is gathered to be written
 
     def __init__(self, uri: str):
         self.uri = uri
@@ -141,6 +140,11 @@ class SyncedRunStore(RunStore):
         pending.mkdir(parents=True, exist_ok=True)  # rank 0 cleared its own copy, not this process's
         super().write_part(pending, part, model_state, trainer_state)
         self._upload(pending / f"part-{part}.safetensors", pending / f"part-{part}-trainer.pt")
+
+    def write_shards(self, pending: Path, model_state: dict, optimizer_state: dict) -> None:
+        super().write_shards(pending, model_state, optimizer_state)
+        # this process's local copy holds the shards it wrote, and only those
+        self._upload(pending / SHARDS, pending / OPTIMIZER_SHARDS)
 
     def finish_checkpoint(self, pending: Path, meta: dict, info: dict, keep: int | None,
                           publish: dict | None = None) -> Path:

@@ -141,12 +141,13 @@ def project_root(spec_path: Path) -> Path:
 
 
 def entrypoint_args(command: str, spec_rel: str, name: str, store: str, overrides: list[str],
-                    trust_code: bool = False) -> list[str]:
+                    trust_code: bool = False, profile: bool = False) -> list[str]:
     """The job's command as an argument list; spec fields and overrides are single arguments, never shell syntax.
 
     run and sweep read the spec (shipped in the working directory) and write into the cluster's store;
     serve serves the run `name` from the store (a path the cluster's nodes see, or an object store), with
-    --trust-code when the caller gave it (a python model's factory then runs in the serving replicas)."""
+    --trust-code when the caller gave it (a python model's factory then runs in the serving replicas).
+    `profile`: the job prints where its own time went (--profile-startup), in its logs."""
     if command not in COMMANDS:
         raise SpecError(f"{command!r} is not one of: {', '.join(COMMANDS)}", "--command")
     if command == "sweep" and is_uri(store):
@@ -157,17 +158,17 @@ def entrypoint_args(command: str, spec_rel: str, name: str, store: str, override
             raise SpecError("serve takes the run as it was trained: only --set name=... (which run) applies",
                             "--set")
         return ["python", "-m", "raybig", "serve", join(store, name), "--address", "auto",
-                *(["--trust-code"] if trust_code else [])]
+                *(["--trust-code"] if trust_code else []), *(["--profile-startup"] if profile else [])]
     args = ["python", "-m", "raybig", command, spec_rel, "--address", "auto", "--set", f"output.dir={store}"]
     for item in overrides:
         args += ["--set", item]
-    return args
+    return args + (["--profile-startup"] if profile else [])
 
 
 def entrypoint(command: str, spec_rel: str, name: str, store: str, overrides: list[str],
-               trust_code: bool = False) -> str:
+               trust_code: bool = False, profile: bool = False) -> str:
     """Ray runs the entrypoint through a shell: every piece is quoted."""
-    return shlex.join(entrypoint_args(command, spec_rel, name, store, overrides, trust_code))
+    return shlex.join(entrypoint_args(command, spec_rel, name, store, overrides, trust_code, profile))
 
 
 def submission_id(name: str) -> str:
@@ -175,15 +176,35 @@ def submission_id(name: str) -> str:
     return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
+def _submit_when_an_agent_is_up(c, wait_s: float = 60.0, **job) -> str:
+    """A head that has just started answers "No available agent to submit job" until its node's job agent is
+    up (seconds, more on a busy machine): such a refusal is waited out, for `wait_s` at most."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return c.submit_job(**job)
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
 def submit(spec_path: str, spec_name: str, address: str, token: str, store: str, overrides: list[str],
-           command: str = "run", pip: list[str] | None = None, trust_code: bool = False) -> str:
+           command: str = "run", pip: list[str] | None = None, trust_code: bool = False, phases=None) -> str:
+    """Submit the job; `phases` (raybig.phases.Phases), when given, marks each step and has the job profile
+    itself."""
     root = project_root(Path(spec_path))
     spec_rel = Path(spec_path).resolve().relative_to(root).as_posix()
-    line = entrypoint(command, spec_rel, spec_name, store, overrides, trust_code)
+    line = entrypoint(command, spec_rel, spec_name, store, overrides, trust_code, profile=phases is not None)
     job_id = submission_id(spec_name)
     runtime_env = {"working_dir": str(root), "excludes": PROJECT_EXCLUDES}
     if pip:
         runtime_env["pip"] = pip
     c = client(address, token)
-    call(c.submit_job, entrypoint=line, submission_id=job_id, runtime_env=runtime_env, where=address)
+    if phases is not None:
+        phases.mark("connect to the cluster's job server")
+    call(_submit_when_an_agent_is_up, c, entrypoint=line, submission_id=job_id, runtime_env=runtime_env,
+         where=address)
+    if phases is not None:
+        phases.mark("pack and upload the working directory, submit")
     return job_id

@@ -47,7 +47,7 @@ def test_raybig_run_leaves_no_ray_process(trained):
 def test_raybig_serve_stopped_by_sigterm_leaves_no_ray_process(trained):
     root = trained[0]
     mark = f"serve-{os.getpid()}-{time.time_ns()}"
-    proc = command("serve", str(root), "--port", "8437", "--num-cpus", "2", mark=mark,
+    proc = command("serve", str(root), "--port", "8437", "--num-cpus", "2", "--profile-startup", mark=mark,
                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
@@ -66,6 +66,12 @@ def test_raybig_serve_stopped_by_sigterm_leaves_no_ray_process(trained):
             proc.kill()
             proc.wait(timeout=60)
     assert processes_left(mark) == []
+    reader.join(timeout=10)
+    output = "".join(lines)  # --profile-startup: where start-up went, printed before the routes, then teardown
+    table = output[output.index("where start-up went"):output.index("models:")]
+    for phase in ("Ray start or connect", "replicas ready", "first request", "total"):
+        assert phase in table, output
+    assert "teardown (Serve and Ray):" in output, output
 
 
 def test_a_request_past_serve_request_timeout_s_gets_408_and_the_server_goes_on(no_ray_in_this_process, tmp_path):

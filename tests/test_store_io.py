@@ -111,15 +111,25 @@ def test_pull_errors_are_one_line(s3_store, tmp_path):
 
 
 @pytest.mark.timeout(180)
-def test_pipeline_stages_in_separate_processes_meet_in_the_object_store(s3_store, tmp_path):
-    """What several nodes do: each stage writes its part of a checkpoint from its own disk; rank 0 merges."""
+@pytest.mark.parametrize("layout", ["pipeline2", "fsdp2 resumed"])
+def test_ranks_in_separate_processes_meet_in_the_object_store(s3_store, tmp_path, layout):
+    """What several nodes do: each stage writes its part of a checkpoint, or each FSDP rank its shards of the
+    weights and optimizer state, from its own disk; rank 0 merges them. A sharded run resumed from the
+    object store reads every rank's optimizer shards back, and goes on as the run on one disk."""
     from multiproc import run_local
     from test_pipeline import job, losses_and_weights
 
-    pipeline = {"stages": 2, "microbatches": 4, "schedule": "1f1b"}
-    run_local(job(tmp_path, "pp", pipeline=pipeline), join(s3_store, "pp"))
-    run_local(job(tmp_path, "pp", pipeline=pipeline), tmp_path / "pp")  # the same run on one disk
-    pulled = pull_run(s3_store, "pp", str(tmp_path / "pulled"))
+    name = layout.split()[0]  # the bucket outlives a test: a run of its own for each
+    if layout == "pipeline2":
+        raw = job(tmp_path, name, pipeline={"stages": 2, "microbatches": 4, "schedule": "1f1b"})
+        run_local(raw, join(s3_store, name))
+    else:
+        raw = job(tmp_path, name, data=2, epochs=2)
+        raw["parallelism"]["data_mode"] = "fsdp"
+        run_local({**raw, "train": {**raw["train"], "epochs": 1}}, join(s3_store, name))
+        run_local(raw, join(s3_store, name))
+    run_local(raw, tmp_path / "pp")  # the same run on one disk
+    pulled = pull_run(s3_store, name, str(tmp_path / "pulled"))
     losses, weights = losses_and_weights(pulled)
     ref_losses, ref_weights = losses_and_weights(tmp_path / "pp")
     assert len(losses) == len(ref_losses) >= 5 and weights.keys() == ref_weights.keys()

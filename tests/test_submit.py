@@ -92,8 +92,14 @@ def test_a_spec_trains_on_the_cluster_into_an_object_store_is_pulled_back_and_se
     from raybig.train.checkpoint import load_trained_model
 
     proc = raybig("submit", "jobs/digits_mlp.yaml", "--cluster", head["file"], "--store", s3,
-                  "--set", "train.epochs=2", "--set", f"serve.port={SERVE_PORT}", "--follow")
+                  "--set", "train.epochs=2", "--set", f"serve.port={SERVE_PORT}", "--follow", "--profile-startup")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    # where the time went: here (connect, upload, the job), and the job's own phases, in its logs
+    here = proc.stderr[proc.stderr.index("where the time went (here)"):]
+    for phase in ("connect to the cluster", "upload the working directory", "the job on the cluster", "total"):
+        assert phase in here, here
+    job_table = proc.stdout[proc.stdout.index("where the time went"):]
+    assert "first step" in job_table and "overhead" in job_table, job_table
     job_id = job_id_of(proc)
     assert re.fullmatch(r"digits-mlp-\d{8}-\d{6}-[0-9a-f]{4}", job_id)
     assert f"{job_id}: SUCCEEDED" in proc.stdout

@@ -90,6 +90,23 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _consolidate(shards: Path, target: Path) -> None:
+    """Every rank's shards of every stage into one file of whole tensors, written piece by piece (torch's
+    consolidation), never the whole model in memory."""
+    from safetensors import safe_open
+    from torch.distributed.checkpoint._consolidate_hf_safetensors import consolidate_safetensors_files
+
+    names = set()
+    for shard in shards.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            names.update(f.keys())
+    out = shards / "consolidated"
+    out.mkdir()
+    consolidate_safetensors_files(str(shards), str(out), fqn_to_index_mapping=dict.fromkeys(names, 1))
+    (written,) = out.glob("*.safetensors")
+    os.replace(written, target)
+
+
 def _copy_with_metadata(source: Path, target: Path, metadata: dict[str, str]) -> None:
     """A safetensors file copied with `metadata` in its header, streamed: its tensors are never loaded."""
     with source.open("rb") as src:
@@ -103,9 +120,6 @@ def _copy_with_metadata(source: Path, target: Path, metadata: dict[str, str]) ->
 
 
 class RunStore:
-    # every rank of a run writes into this same directory (SyncedRunStore's ranks each have a local copy)
-    writes_shards = True
-
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.checkpoints = self.root / "checkpoints"
@@ -166,14 +180,12 @@ class RunStore:
     @staticmethod
     def write_shards(pending: Path, model_state: dict, optimizer_state: dict) -> None:
         """Every rank's shards of a sharded model's weights and optimizer state (DTensors), with
-        torch.distributed.checkpoint (a collective: every rank calls it); nothing is gathered. The weights go
-        through its safetensors writer, whose first rank then consolidates every rank's shards, of every
-        stage, into one file of whole tensors, writing them piece by piece rather than holding them."""
+        torch.distributed.checkpoint (a collective: every rank calls it); nothing is gathered. The weights'
+        shards are safetensors files (torch's Hugging Face writer), which finish_checkpoint consolidates."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
-        dcp.save(model_state, storage_writer=HuggingFaceStorageWriter(
-            str(pending / SHARDS), save_distributed=True, enable_consolidation=True))
+        dcp.save(model_state, storage_writer=HuggingFaceStorageWriter(str(pending / SHARDS), save_distributed=True))
         dcp.save({"optimizer": optimizer_state}, checkpoint_id=str(pending / OPTIMIZER_SHARDS))
 
     @staticmethod
@@ -191,9 +203,8 @@ class RunStore:
         checkpoint into place, publish the model (or `publish`, when what is served is not what is
         checkpointed: a LoRA run's merged weights), and keep the newest `keep` checkpoints (all of them when
         None: a sweep trial prunes once Tune has a copy)."""
-        consolidated = sorted((pending / SHARDS).glob("*.safetensors"))
-        if consolidated:
-            os.replace(consolidated[0], pending / "model.safetensors")
+        if (pending / SHARDS).is_dir():
+            _consolidate(pending / SHARDS, pending / "model.safetensors")
             shutil.rmtree(pending / SHARDS)  # the per-rank shards it was made of
         else:
             model_state = {}

@@ -388,7 +388,7 @@ def _checkpoint(spec, meta, store: RunStore, layout, trainer: dict, position, st
         store.clear(pending)
     _barrier(env)
     # every rank: gathering a sharded model's (and optimizer's) state is a collective
-    if layout.sharded and store.writes_shards:  # each rank writes its shards: nothing is gathered
+    if layout.sharded:  # each rank writes its shards: nothing is gathered
         store.write_shards(pending, sharded_state(layout), sharded_optimizer_state(layout, trainer["optimizer"]))
         state = optimizer_state = None  # in the shards
     else:
