@@ -365,10 +365,10 @@ def _per_rank(value: float, env: WorkerEnv) -> list[float]:
 
 
 def _layout_key(spec) -> list:
-    """What the optimizer's checkpointed state depends on: stages, and sharding by name."""
+    """What the optimizer's checkpointed state depends on: stages, and sharding (its shards keyed by name)."""
     p = spec.parallelism.pipeline
     key = [p.stages, p.total_stages, p.split_points]
-    key += ["fsdp"] if spec.parallelism.data_mode == "fsdp" else []
+    key += ["fsdp"] if spec.parallelism.data_mode == "fsdp" and spec.parallelism.data > 1 else []
     return key + [f"tensor {spec.parallelism.tensor}"] if spec.parallelism.tensor > 1 else key
 
 

@@ -214,9 +214,9 @@ class ShardedDataParallel(DataParallel):
                  loss_fn, precision, accumulation: int = 1):
         super().__init__(model, mesh, None, device, loss_fn, precision, accumulation)  # sharded in place, no DDP
         self.collective_forward = dist.is_initialized()
-        if named_mesh is not None:
+        if named_mesh is not None and mesh.dp > 1:
             shard(parts, model, named_mesh["dp"], precision)  # fully_shard moves each shard to the mesh's device
-        else:
+        else:  # nothing to shard over
             model.to(device)
         _place(self, mesh)
 
@@ -258,7 +258,7 @@ class Pipeline:
         # interleaved: rank r holds stages r, r + pp, r + 2 pp, ... (torch's convention)
         self.stage_ids = list(range(mesh.pp_index, total, mesh.pp))
         self.local = [Stage(parts[starts[i]:ends[i]]).to(device) for i in self.stage_ids]
-        sharded = data_mode == "fsdp" and named_mesh is not None
+        sharded = data_mode == "fsdp" and named_mesh is not None and mesh.dp > 1
         if sharded:  # torch's stages drive FSDP themselves: gradients reduce-scatter after the last microbatch
             for i, stage in zip(self.stage_ids, self.local):
                 shard(parts[starts[i]:ends[i]], stage, named_mesh["dp"], precision)
