@@ -88,6 +88,43 @@ def validate(
             out.print(f"  [yellow]{note}[/]", highlight=False)
 
 
+@app.command("plan")
+def plan_layouts(
+    spec_path: str = typer.Argument(..., metavar="SPEC"),
+    set_: Optional[list[str]] = SetOption,
+    workers: Optional[int] = typer.Option(None, min=1, help="Workers to lay out (default: the spec's)."),
+    memory_mb: Optional[float] = typer.Option(None, help="Memory a rank may give the model's state, to mark "
+                                              "which layouts fit."),
+):
+    """Every layout of the spec's model over N workers (data x pipeline x tensor, ddp or fsdp): what each rank
+    holds of the model and its state's memory (parameters, gradients, optimizer state; activations not
+    included), or why the layout cannot run. Nothing is started."""
+    from rich.table import Table
+
+    from raybig.data.datasets import describe
+    from raybig.plan import plan
+
+    spec = _load(spec_path, set_)
+    n = workers or spec.parallelism.workers
+    try:
+        candidates = plan(spec, describe(spec.data, spec.model), n)
+    except SpecError as error:
+        _fail(error)
+    candidates.sort(key=lambda c: (c.problem is not None, max(c.state_bytes or [0])))
+    table = Table(title=f"{spec.name}: layouts over {n} worker(s), the largest rank's share", header_style="bold",
+                  show_edge=False)
+    for column in ("layout", "parameters", "state MB", "fits" if memory_mb else None, "why not"):
+        if column:
+            table.add_column(column, justify="left" if column in ("layout", "why not") else "right")
+    for c in candidates:
+        state = max(c.state_bytes) / 2**20 if c.state_bytes else None
+        row = [c.degrees, f"{max(c.held):,}" if c.held else "", f"{state:.1f}" if state is not None else ""]
+        if memory_mb:
+            row.append("" if state is None else ("yes" if state <= memory_mb else "no"))
+        table.add_row(*row, escape(c.problem or ""))
+    out.print(table)
+
+
 @app.command()
 def schema():
     """Print the JSON Schema of the job spec (for editors and CI)."""

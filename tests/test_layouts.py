@@ -56,6 +56,14 @@ def single(tmp_path_factory):
     return losses_and_weights(out / "one")
 
 
+def predicted_parameters(raw) -> list[int]:
+    """raybig plan's memory model: the parameters each rank holds, in rank order."""
+    from raybig.plan import rank_parameters
+
+    spec = parse_spec(raw)
+    return rank_parameters(build_model(spec.model, describe(spec.data)), spec)[0]
+
+
 def test_tensor2_splits_heads_and_mlps_and_trains_as_one_process(tmp_path, single):
     run_local(lm_job(tmp_path, "tp", {"tensor": 2}), tmp_path / "tp")
     assert_same_run(tmp_path / "tp", single)
@@ -63,6 +71,7 @@ def test_tensor2_splits_heads_and_mlps_and_trains_as_one_process(tmp_path, singl
     total = sum(w.numel() for w in single[1].values())
     # both ranks hold the embeddings, norms and head whole, and half of every attention and MLP weight
     assert held[0] == held[1] < 0.8 * total
+    assert held == predicted_parameters(lm_job(tmp_path, "tp", {"tensor": 2}))
 
 
 def test_a_tensor2_run_resumes_as_it_was_and_under_one_process(tmp_path, single):
@@ -109,17 +118,20 @@ def test_tensor2_composes_with_data_and_pipeline_on_a_3d_mesh(tmp_path, single, 
     over the tensor-parallel DTensors, pipeline stages whose blocks are split."""
     run_local(lm_job(tmp_path, "3d", parallelism), tmp_path / "3d")
     assert_same_run(tmp_path / "3d", single)
+    held = RunStore(tmp_path / "3d").history()[0]["parameters_per_rank"]
+    assert held == predicted_parameters(lm_job(tmp_path, "3d", parallelism))  # raybig plan's memory model
 
 
 def test_fsdp2_x_pipeline2_trains_as_one_process(tmp_path, single):
     """Each stage sharded over its two data ranks, torch's schedule driving FSDP2 (4 processes)."""
-    run_local(lm_job(tmp_path, "fp", {"data": 2, "data_mode": "fsdp",
-                                      "pipeline": {"stages": 2, "microbatches": 2, "schedule": "1f1b"}}),
-              tmp_path / "fp")
+    raw = lm_job(tmp_path, "fp", {"data": 2, "data_mode": "fsdp",
+                                  "pipeline": {"stages": 2, "microbatches": 2, "schedule": "1f1b"}})
+    run_local(raw, tmp_path / "fp")
     assert_same_run(tmp_path / "fp", single)
     held = RunStore(tmp_path / "fp").history()[0]["parameters_per_rank"]
     total = sum(w.numel() for w in single[1].values())
-    assert len(held) == 4 and sum(held) == pytest.approx(total, abs=4) and max(held) < 0.4 * total
+    assert len(held) == 4 and sum(held) == total and max(held) < 0.4 * total
+    assert held == predicted_parameters(raw)
 
 
 @pytest.mark.parametrize("parallelism", [{}, {"data": 2}, {"data": 2, "data_mode": "fsdp"}],
@@ -253,3 +265,28 @@ def test_a_model_without_a_tensor_plan_or_blocks_is_refused_by_the_plan_check(tm
     message = str(err.value)
     assert "parallelism.tensor" in message and "raybig_tp_plan" in message
     assert "train.activation_checkpointing" in message
+
+
+def test_raybig_plan_lists_the_layouts_with_each_ranks_state_or_why_not(tmp_path):
+    """Every factorisation of 4 workers: the MLP cannot split tensor-parallel (named), the rest get their
+    ranks' exact state (adamw: value, gradient and two moments per parameter, fp32)."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from raybig.cli import app
+    from raybig.plan import plan
+
+    raw = {"name": "wide", "model": {"kind": "mlp", "hidden": [256, 256, 256]}, "data": {"source": "digits"},
+           "train": {"batch_size": 64}, "output": {"dir": str(tmp_path)}}
+    spec = parse_spec(raw)
+    meta = describe(spec.data)
+    candidates = {c.degrees: c for c in plan(spec, meta, 4)}
+    total = sum(p.numel() for p in build_model(spec.model, meta).parameters())
+    assert candidates["data 4"].held == [total] * 4 and candidates["data 4"].state_bytes == [16 * total] * 4
+    assert max(candidates["data 4 (fsdp)"].held) < 0.3 * total
+    assert sum(candidates["data 1 x pipeline 4"].held) == total
+    assert all("parallelism.tensor" in c.problem for name, c in candidates.items() if "tensor" in name)
+    (tmp_path / "wide.yaml").write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["plan", str(tmp_path / "wide.yaml"), "--workers", "4", "--memory-mb", "1"])
+    assert result.exit_code == 0, result.output
+    assert "data 2 (fsdp) x pipeline 2" in result.output and "parallelism.tensor:" in result.output
