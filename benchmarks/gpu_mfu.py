@@ -10,6 +10,7 @@ runs a tiny size, so the benchmark does not rot where CI runs, and prints no MFU
 
     python benchmarks/gpu_mfu.py                      # GPU: every size below; CPU: tiny
     python benchmarks/gpu_mfu.py --sizes 304m --precision bf16 --steps 50
+    python benchmarks/gpu_mfu.py --sizes 1.3b --activation-checkpointing full
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from pathlib import Path
 
 # name: (dim, layers, heads, seq, batch)
 SIZES = {"tiny": (64, 2, 4, 32, 8), "85m": (768, 12, 12, 256, 64), "304m": (1024, 24, 16, 1024, 16),
-         "474m": (1280, 24, 20, 1024, 16)}
+         "474m": (1280, 24, 20, 1024, 16), "1.3b": (2048, 24, 16, 1024, 8)}
+GPU_DEFAULT = ("85m", "304m", "474m")  # 1.3b: with --activation-checkpointing full, the largest tried for one GPU
 PEAK_FLOPS = {"H100": 989.5e12, "H200": 989.5e12, "A100": 312e12}  # dense bf16
 
 
@@ -35,7 +37,7 @@ def spec_of(size: str, args, compile_mode: str, out: Path) -> dict:
                       "activation_checkpointing": args.activation_checkpointing,
                       "optimizer": {"name": "adamw", "lr": 3e-4, "weight_decay": 0.05}},
             "eval": {"every_steps": args.steps, "max_batches": 1}, "checkpoint": {"every_steps": 3 * args.steps},
-            "parallelism": {"data": 1, "data_mode": args.data_mode},
+            "parallelism": {"data": 1},
             "resources": {"gpus_per_worker": 1 if gpu else 0, "cpus_per_worker": 1}}
 
 
@@ -59,15 +61,21 @@ def peak_flops() -> float | None:
 
 
 def plain(spec, meta, compiled: bool, steps: int) -> dict:
-    """The reference loop: no Ray, no data pipeline, one batch resident on the device."""
+    """The reference loop: no Ray, no data pipeline, one batch resident on the device; with activation
+    checkpointing, each block wrapped in torch.utils.checkpoint as raybig wraps it."""
     import torch
     import torch.nn.functional as F
 
     from raybig.models import build_model
+    from raybig.models.parts import model_parts
+    from raybig.train.activations import checkpoint_blocks
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":  # as many threads as the raybig worker has CPUs (Ray sets its OMP_NUM_THREADS)
+        torch.set_num_threads(int(spec.resources.cpus_per_worker))
     t, vocab = spec.train, meta.num_classes
     model = build_model(spec.model, meta, dropout=0.0, seed=0).to(device)
+    checkpoint_blocks(model_parts(model), t.activation_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.05,
                                   **({"fused": True} if device.type == "cuda" else {"foreach": True}))
     run = torch.compile(model) if compiled else model
@@ -113,11 +121,10 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="*", default=None, help=", ".join(SIZES))
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
     parser.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--data-mode", default="ddp", choices=["ddp", "fsdp"])
     parser.add_argument("--activation-checkpointing", default="none", choices=["none", "full", "selective"])
     args = parser.parse_args()
     gpu = _gpu()
-    args.sizes = args.sizes or ([s for s in SIZES if s != "tiny"] if gpu else ["tiny"])
+    args.sizes = args.sizes or (list(GPU_DEFAULT) if gpu else ["tiny"])
     args.steps = args.steps or (50 if gpu else 10)
     args.precision = args.precision or ("bf16" if gpu else "fp32")
 
