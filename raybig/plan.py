@@ -52,7 +52,7 @@ def plan(spec, meta, workers: int) -> list[Candidate]:
     """Each layout over `workers`, with its problem or its ranks' memory."""
     from raybig.models import build_model
     from raybig.spec import parse_spec
-    from raybig.train.runner import _layer_problems, _stage_problems
+    from raybig.train.runner import layer_problems, stage_problems
 
     raw = spec.model_dump(mode="json")
     model = build_model(spec.model, meta)
@@ -66,8 +66,8 @@ def plan(spec, meta, workers: int) -> list[Candidate]:
             continue
         problems = []
         if candidate_spec.parallelism.pipeline.stages > 1:
-            problems += _stage_problems(candidate_spec, model, meta)
-        problems += _layer_problems(candidate_spec, model)
+            problems += stage_problems(candidate_spec, model, meta)
+        problems += layer_problems(candidate_spec, model)
         candidate = Candidate(parallelism, candidate_spec.parallelism.degrees,
                               "; ".join(f"{f}: {m}" for f, m in problems) or None)
         if candidate.problem is None:
@@ -88,7 +88,7 @@ def rank_parameters(model: nn.Module, spec) -> tuple[list[int], list[int]]:
     """The parameters each rank holds, and of those the trained ones, in rank order
     (rank = (dp_index * stages + pp_index) * tensor + tp_index), as raybig's layouts place them."""
     from raybig.models.parts import model_parts
-    from raybig.train.parallel import stage_starts
+    from raybig.train.parallel import split_parts, stage_starts
     from raybig.train.tensor_parallel import planned_layers, tensor_plan
 
     p = spec.parallelism
@@ -97,9 +97,8 @@ def rank_parameters(model: nn.Module, spec) -> tuple[list[int], list[int]]:
     if pp > 1:
         parts = model_parts(model, getattr(spec.model, "blocks", None))
         total = p.pipeline.total_stages
-        starts = stage_starts(parts, total, p.pipeline.split_points)
-        ends = [*starts[1:], len(parts)]
-        stage_params = [_part_parameters(parts[a:b]) for a, b in zip(starts, ends)]
+        stage_params = [_part_parameters(group)
+                        for group in split_parts(parts, stage_starts(parts, total, p.pipeline.split_points))]
         per_pp = [[pair for s in range(i, total, pp) for pair in stage_params[s]] for i in range(pp)]
     else:
         per_pp = [list(model.named_parameters())]

@@ -94,7 +94,7 @@ def _consolidate(shards: Path, target: Path) -> None:
     """Every rank's shards of every stage into one file of whole tensors, written piece by piece (torch's
     consolidation), never the whole model in memory."""
     from safetensors import safe_open
-    from torch.distributed.checkpoint._consolidate_hf_safetensors import consolidate_safetensors_files
+    from torch.distributed.checkpoint.hf_storage import consolidate_safetensors_files
 
     names = set()
     for shard in shards.glob("*.safetensors"):

@@ -24,9 +24,8 @@ from raybig.train.finetune import keep_zeros, parameter_groups, start_from, zero
 from raybig.train.metrics import confusion, from_confusion
 from raybig.train.optim import (add_penalty_gradients, apply_spec_hyperparameters, build_optimizer, build_scheduler,
                                 penalized_weights)
-from raybig.train.parallel import (clip_grad_norm, full_optimizer_state, load_optimizer_state,
-                                   load_sharded_optimizer_state, load_state, local_numel, parallelize, parameters,
-                                   sharded_optimizer_state, sharded_state, state_dict)
+from raybig.train.parallel import (clip_grad_norm, load_optimizer_state, load_sharded_optimizer_state, load_state,
+                                   local_numel, parallelize, parameters, sharded_optimizer_state, state_dict)
 from raybig.train.precision import Precision
 
 
@@ -387,12 +386,11 @@ def _checkpoint(spec, meta, store: RunStore, layout, trainer: dict, position, st
     if env.rank == 0:
         store.clear(pending)
     _barrier(env)
-    # every rank: gathering a sharded model's (and optimizer's) state is a collective
-    if layout.sharded:  # each rank writes its shards: nothing is gathered
-        store.write_shards(pending, sharded_state(layout), sharded_optimizer_state(layout, trainer["optimizer"]))
+    if layout.sharded:  # every rank writes its shards (a collective): nothing is gathered
+        store.write_shards(pending, state_dict(layout), sharded_optimizer_state(layout, trainer["optimizer"]))
         state = optimizer_state = None  # in the shards
     else:
-        state, optimizer_state = state_dict(layout), full_optimizer_state(layout, trainer["optimizer"])
+        state, optimizer_state = state_dict(layout), trainer["optimizer"].state_dict()
     unrecorded = losses.averaged(env, spec.parallelism.data)
     if layout.writes_part:
         store.write_part(pending, layout.mesh.pp_index, state,

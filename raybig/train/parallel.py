@@ -143,9 +143,14 @@ def _attach(root: nn.Module, path: str, module: nn.Module) -> None:
         node.add_module(leaf, module)
 
 
-def split_model(parts: list[Part], starts: list[int]) -> list[Stage]:
+def split_parts(parts: list[Part], starts: list[int]) -> list[list[Part]]:
+    """The parts of each stage, from the indices where stages begin."""
     ends = [*starts[1:], len(parts)]
-    return [Stage(parts[a:b]) for a, b in zip(starts, ends)]
+    return [parts[a:b] for a, b in zip(starts, ends)]
+
+
+def split_model(parts: list[Part], starts: list[int]) -> list[Stage]:
+    return [Stage(group) for group in split_parts(parts, starts)]
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -163,8 +168,6 @@ class DataParallel:
     """The whole model (or its tensor-parallel shard) on every rank. Gradients are averaged over the dp ranks
     by DDP, or by hand with tensor-parallel shards, which DDP does not take. With grad_accumulation k, a
     batch runs as k microbatches and gradients are averaged over the ranks once, after the last."""
-    collective_forward = False
-
     def __init__(self, model: nn.Module, mesh: Mesh, dp_group, device: torch.device, loss_fn, precision,
                  accumulation: int = 1):
         self.mesh, self.loss_fn, self.precision, self.accumulation = mesh, loss_fn, precision, accumulation
@@ -253,15 +256,14 @@ class Pipeline:
         self.sample = None  # a training sample's input and target: what short evaluation batches are padded with
         virtual = pipeline_spec.virtual_stages if pipeline_spec.schedule == "interleaved_1f1b" else 1
         total = mesh.pp * virtual
-        starts = stage_starts(parts, total, pipeline_spec.split_points)
-        ends = [*starts[1:], len(parts)]
+        stage_parts = split_parts(parts, stage_starts(parts, total, pipeline_spec.split_points))
         # interleaved: rank r holds stages r, r + pp, r + 2 pp, ... (torch's convention)
         self.stage_ids = list(range(mesh.pp_index, total, mesh.pp))
-        self.local = [Stage(parts[starts[i]:ends[i]]).to(device) for i in self.stage_ids]
+        self.local = [Stage(stage_parts[i]).to(device) for i in self.stage_ids]
         sharded = data_mode == "fsdp" and named_mesh is not None and mesh.dp > 1
         if sharded:  # torch's stages drive FSDP themselves: gradients reduce-scatter after the last microbatch
             for i, stage in zip(self.stage_ids, self.local):
-                shard(parts[starts[i]:ends[i]], stage, named_mesh["dp"], precision)
+                shard(stage_parts[i], stage, named_mesh["dp"], precision)
         self.holds_output = (total - 1) in self.stage_ids
         self.holds_input = 0 in self.stage_ids
         self.collective_forward = sharded or mesh.tp > 1
@@ -386,19 +388,8 @@ def compile_blocks(parts: list[Part]) -> None:
 
 def state_dict(layout) -> dict[str, torch.Tensor]:
     """This rank's checkpointed tensors under the full model's names: everything but the frozen base model
-    under LoRA adapters, which the model's builder makes again from its seed or directory.
-    Sharded parameters are gathered whole (a collective: every rank calls this) onto the first rank, or with
-    stages onto every rank of the stage, whose first writes it."""
-    out = {}
-    for module in layout.local:
-        state = _full_state(module, _offload(layout)) if layout.sharded else module.state_dict()
-        out.update({k: state[k] for k in checkpointed_keys(module) if k in state})
-    return out
-
-
-def sharded_state(layout) -> dict[str, torch.Tensor]:
-    """This rank's shards (DTensors) of the checkpointed tensors, and the tensors it holds whole, under the
-    full model's names: what torch.distributed.checkpoint writes without gathering anything."""
+    under LoRA adapters, which the model's builder makes again from its seed or directory. In a sharded
+    layout, its shards (DTensors), which torch.distributed.checkpoint writes without gathering them."""
     out = {}
     for module in layout.local:
         state = module.state_dict()
@@ -423,17 +414,6 @@ def load_sharded_optimizer_state(layout, optimizer, directory) -> None:
     set_optimizer_state_dict(layout.root, optimizer, optim_state_dict=state["optimizer"])
 
 
-def _offload(layout) -> bool:
-    """torch gathers to the CPU for global rank 0 alone; with stages, each stage's writer needs its part."""
-    return layout.mesh.pp == 1
-
-
-def _full_state(module: nn.Module, offload: bool) -> dict[str, torch.Tensor]:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
-
-
 def checkpointed_keys(module: nn.Module) -> list[str]:
     """A LoRA model's frozen base is made again by its builder and stays out; weights frozen by fine-tuning
     (init_from) came from elsewhere and go in."""
@@ -443,18 +423,9 @@ def checkpointed_keys(module: nn.Module) -> list[str]:
     return [k for k in module.state_dict() if k not in frozen]
 
 
-def full_optimizer_state(layout, optimizer) -> dict:
-    """The optimizer's state as this rank checkpoints it; a sharded one gathered whole (keyed by parameter
-    name) as the weights are, so a resumed run goes on with it (a collective: every rank calls this)."""
-    if not layout.sharded:
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(layout.root, optimizer,
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=_offload(layout)))
-
-
 def load_optimizer_state(layout, optimizer, state: dict) -> None:
+    """A whole optimizer state from a checkpoint: an unsharded layout's own, or, for a sharded layout, one
+    gathered by parameter name (how sharded runs checkpointed before they wrote shards)."""
     if not layout.sharded:
         optimizer.load_state_dict(state)
         return

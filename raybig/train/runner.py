@@ -71,8 +71,8 @@ def check_plan(spec: JobSpec, meta: DataMeta, cpus: float | None) -> list[str]:
 
             check_output(model, spec.model, meta)
         if pipe.stages > 1:
-            problems += _stage_problems(spec, model, meta)
-        problems += _layer_problems(spec, model)
+            problems += stage_problems(spec, model, meta)
+        problems += layer_problems(spec, model)
         if spec.init_from is not None:
             from raybig.train.finetune import check_init
 
@@ -95,7 +95,7 @@ def check_plan(spec: JobSpec, meta: DataMeta, cpus: float | None) -> list[str]:
     return notes
 
 
-def _layer_problems(spec: JobSpec, model) -> list[tuple[str, str]]:
+def layer_problems(spec: JobSpec, model) -> list[tuple[str, str]]:
     """Tensor parallelism needs the model's plan, dividing its layers; activation checkpointing, its blocks."""
     from raybig.models.parts import NoParts, model_parts
     from raybig.train.tensor_parallel import tensor_problems
@@ -112,7 +112,7 @@ def _layer_problems(spec: JobSpec, model) -> list[tuple[str, str]]:
     return out
 
 
-def _stage_problems(spec: JobSpec, model, meta: DataMeta) -> list[tuple[str, str]]:
+def stage_problems(spec: JobSpec, model, meta: DataMeta) -> list[tuple[str, str]]:
     """Pipeline stages need the model's parts, checked to reproduce its forward, and enough of them."""
     from raybig.models.parts import NoParts, check_parts, model_parts, probe_batch
 
